@@ -1,0 +1,29 @@
+"""Background tasks for Flask in threads, processes or a Dask cluster, with
+the Flask context (``current_app``, ``request``, ``g``, ``session``) carried
+into every task. A drop-in successor of Flask-Executor 1.0."""
+
+from __future__ import annotations
+
+from .errors import (
+    BodyNotCapturedError,
+    GAttributeNotCopiedError,
+    SerializationError,
+    TaskTimeoutError,
+    TerminatedWorkerError,
+)
+from .executor import Executor, ExecutorJob
+from .futures import FutureCollection, FutureProxy
+
+__version__ = "2.0.0.dev0"
+
+__all__ = [
+    "BodyNotCapturedError",
+    "Executor",
+    "ExecutorJob",
+    "FutureCollection",
+    "FutureProxy",
+    "GAttributeNotCopiedError",
+    "SerializationError",
+    "TaskTimeoutError",
+    "TerminatedWorkerError",
+]

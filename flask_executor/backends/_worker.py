@@ -1,0 +1,150 @@
+"""What runs inside a process or cluster worker: unpickle a call, rebuild its
+Flask context, run it, and pickle the outcome.
+
+Every failure is turned into a message about *that* task, so nothing a task
+does (an argument that will not unpickle, a result that will not pickle) can
+break the worker or the pool.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import pickle
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..errors import SerializationError
+from ..serialize import dumps, loads, type_name
+from ..snapshot import AppSpec, restore, restore_app
+
+__all__ = ["Outcome", "RemoteTraceback", "rebuild_outcome", "run_call", "worker_main"]
+
+#: ``("ok", result_bytes)`` or ``("error", exception_bytes_or_None, type, message, traceback)``
+Outcome = tuple[Any, ...]
+
+
+class RemoteTraceback(Exception):
+    """The worker's traceback, attached as ``__cause__`` of a task's exception
+    (as :mod:`concurrent.futures` does for process pools)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _error(exc: BaseException, wrap: str | None = None) -> Outcome:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = f'\n"""\n{text}"""'
+    if wrap is not None:
+        exc = SerializationError(f"{wrap}: {type_name(exc)}: {exc}")
+    try:
+        data: bytes | None = dumps(exc)
+    except Exception as pickling_error:
+        data = None
+        exc = SerializationError(
+            f"the task raised {type_name(exc)}: {exc}; the exception could not be"
+            f" pickled to send it back ({type_name(pickling_error)}: {pickling_error})"
+        )
+    return ("error", data, type_name(exc), str(exc), text)
+
+
+def run_call(payload: bytes, spec: AppSpec | None, push_context: bool) -> Outcome:
+    """Run one pickled call; never raises (but for BaseExceptions that must
+    end the worker: KeyboardInterrupt)."""
+    try:
+        fn, args, kwargs, snap = loads(payload)
+    except Exception as exc:
+        return _error(exc, "the task's arguments could not be unpickled in the worker")
+    try:
+        if push_context and spec is not None:
+            app = restore_app(spec)
+            with restore(app, snap):
+                result = app.ensure_sync(fn)(*args, **kwargs)
+        else:
+            result = fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        return _error(exc)
+    try:
+        return ("ok", dumps(result))
+    except Exception as exc:
+        return _error(
+            exc, f"the task's return value ({type_name(result)}) could not be pickled"
+        )
+
+
+def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
+    """In the web process: ``(True, result)`` or ``(False, exception)``."""
+    if outcome[0] == "ok":
+        try:
+            return True, loads(outcome[1])
+        except Exception as exc:
+            error = SerializationError(
+                "the task's return value could not be unpickled in the web process:"
+                f" {type_name(exc)}: {exc}"
+            )
+            error.__cause__ = exc
+            return False, error
+    _, data, exc_type, message, text = outcome
+    exception: BaseException
+    if data is None:
+        exception = SerializationError(message)
+    else:
+        try:
+            exception = loads(data)
+        except Exception as exc:
+            exception = SerializationError(
+                f"the task raised {exc_type}: {message}; that exception could not be"
+                f" rebuilt in the web process ({type_name(exc)}: {exc})"
+            )
+    exception.__cause__ = RemoteTraceback(text)
+    return False, exception
+
+
+def worker_main(conn: Connection, parent_pid: int) -> None:
+    """Entry point of a process worker: serve calls until told to stop, the
+    connection closes, or the parent process is gone.
+
+    It runs in a fresh :mod:`contextvars` context, so a worker forked from a
+    thread that had a request pushed never sees that request.
+    """
+    contextvars.Context().run(_serve, conn, parent_pid)
+
+
+def _serve(conn: Connection, parent_pid: int) -> None:
+    spec: AppSpec | None = None
+    spec_version = ""
+    spec_error: Exception | None = None
+    while True:
+        while not conn.poll(1.0):
+            if os.getppid() != parent_pid:
+                return
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        kind = message[0]
+        if kind == "stop":
+            return
+        if kind == "app":
+            spec_version = message[1]
+            try:
+                spec, spec_error = loads(message[2]), None
+            except Exception as exc:
+                spec, spec_error = None, exc
+            continue
+        _, task_id, payload, app_version, push_context = message
+        if push_context and (spec_error is not None or app_version != spec_version):
+            outcome = _error(
+                spec_error or RuntimeError("the worker has no app for this task"),
+                "the Flask app could not be rebuilt in the worker",
+            )
+        else:
+            outcome = run_call(payload, spec, push_context)
+        conn.send_bytes(pickle.dumps((task_id, outcome), pickle.HIGHEST_PROTOCOL))

@@ -1,0 +1,372 @@
+"""Process backend: a pool of worker processes that survives its tasks.
+
+How work flows::
+
+    submit() ──▶ pending deque ──wake──▶ dispatcher thread ──pipe──▶ worker 1..N
+    (caller)     (_WorkItem)             assigns one task per         run_call():
+                                         idle worker, watches         unpickle, restore
+    FutureProxy ◀── result / error ◀──── pipes, sentinels and  ◀──── context, run,
+    completed                            deadlines                   pickle outcome
+
+Each worker has its own duplex pipe and runs one task at a time, so the
+dispatcher always knows which task a worker is running. That is what the
+standard :class:`~concurrent.futures.ProcessPoolExecutor` cannot offer, and
+what makes the failure semantics local:
+
+* a worker that dies (exit, signal, segfault) fails only the task it was
+  running, with :exc:`~flask_executor.TerminatedWorkerError`; a replacement
+  starts when there is work for it;
+* a task past ``EXECUTOR_TASK_TIMEOUT`` has its worker killed and fails with
+  :exc:`~flask_executor.TaskTimeoutError`;
+* ``future.cancel()`` on a running task kills its worker;
+* with ``EXECUTOR_MAX_TASKS_PER_CHILD`` the dispatcher retires a worker after
+  its N-th result (no in-worker exit race, cf. CPython gh-115634);
+* the app spec (config and routes) is sent to a worker only when its version
+  changed, so per-task traffic does not grow with the config.
+
+Workers are started lazily, on demand, from the dispatcher thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from ..errors import TaskTimeoutError, TerminatedWorkerError
+from ..futures import FutureProxy
+from . import Backend, BackendOptions, PickledTask, settle
+from ._worker import rebuild_outcome, worker_main
+
+__all__ = ["ProcessBackend", "default_start_method"]
+
+#: How long a stopping worker may take before it is killed, in seconds.
+_STOP_GRACE = 5.0
+
+
+def default_start_method() -> str:
+    """``forkserver`` where the platform has it, else ``spawn``: never
+    ``fork``, which is unsafe in a multi-threaded web server."""
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+class _WorkItem:
+    __slots__ = ("future", "task", "task_id", "started", "deadline")
+
+    def __init__(self, future: FutureProxy[Any], task: PickledTask, task_id: int) -> None:
+        self.future = future
+        self.task = task
+        self.task_id = task_id
+        self.started = False
+        self.deadline: float | None = None
+
+
+class _Worker:
+    __slots__ = ("process", "conn", "item", "tasks_done", "app_version")
+
+    def __init__(self, process: Any, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.item: _WorkItem | None = None
+        self.tasks_done = 0
+        self.app_version = ""
+
+
+class ProcessBackend(Backend):
+    """Runs pickled tasks in ``max_workers`` processes (default: CPU count)."""
+
+    pickles = True
+
+    def __init__(self, options: BackendOptions) -> None:
+        super().__init__(options)
+        method = options.start_method or default_start_method()
+        self._context = multiprocessing.get_context(method)
+        self._max_workers = options.max_workers or os.cpu_count() or 1
+        self._lock = threading.Lock()
+        self._pending: deque[_WorkItem] = deque()
+        self._stop_requests: deque[_WorkItem] = deque()
+        self._ids = itertools.count()
+        self._shutdown = False
+        self._thread: threading.Thread | None = None
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_writer.setblocking(False)
+        self._workers: list[_Worker] = []
+        self._retired: list[Any] = []
+
+    # -- caller side -----------------------------------------------------------
+
+    def submit(self, future: FutureProxy[Any], task: PickledTask) -> None:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            item = _WorkItem(future, task, next(self._ids))
+            future._stop_running = lambda: self._request_stop(item)
+            self._pending.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._dispatch, name="flask-executor-dispatcher", daemon=True
+                )
+                self._thread.start()
+        self._wake()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while self._pending:
+                    self._pending.popleft().future.cancel()
+            thread = self._thread
+        self._wake()
+        if thread is not None and wait and thread is not threading.current_thread():
+            thread.join()
+
+    def _request_stop(self, item: _WorkItem) -> None:
+        self._stop_requests.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the dispatcher will wake) or closed
+
+    # -- dispatcher thread ---------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self._context.get_start_method() == "forkserver":
+            self._context.set_forkserver_preload(["flask_executor.backends._worker"])
+        try:
+            while True:
+                self._assign()
+                if self._finished():
+                    break
+                self._wait_and_handle()
+                self._enforce_deadlines()
+                self._handle_stop_requests()
+        finally:
+            self._stop_workers()
+
+    def _finished(self) -> bool:
+        with self._lock:
+            return (
+                self._shutdown
+                and not self._pending
+                and not any(worker.item for worker in self._workers)
+            )
+
+    def _assign(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                item = self._pending[0]
+                if item.future.cancelled():
+                    self._pending.popleft()
+                    continue
+            worker = self._idle_worker(item.task.app_version)
+            if worker is None:
+                return
+            with self._lock:
+                if not self._pending or self._pending[0] is not item:
+                    continue
+                self._pending.popleft()
+            if not item.started:
+                if not item.future.set_running_or_notify_cancel():
+                    continue
+                item.started = True
+            self._send(worker, item)
+
+    def _idle_worker(self, app_version: str) -> _Worker | None:
+        idle = [worker for worker in self._workers if worker.item is None]
+        for worker in idle:
+            if worker.app_version == app_version:
+                return worker
+        if idle:
+            return idle[0]
+        if len(self._workers) < self._max_workers:
+            return self._start_worker()
+        return None
+
+    def _start_worker(self) -> _Worker:
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=worker_main,
+            args=(child_conn, os.getpid()),
+            name="flask-executor-worker",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        worker = _Worker(process, parent_conn)
+        self._workers.append(worker)
+        return worker
+
+    def _send(self, worker: _Worker, item: _WorkItem) -> None:
+        task = item.task
+        try:
+            if task.push_context and worker.app_version != task.app_version:
+                worker.conn.send_bytes(
+                    pickle.dumps(("app", task.app_version, task.app_spec), pickle.HIGHEST_PROTOCOL)
+                )
+                worker.app_version = task.app_version
+            worker.conn.send_bytes(
+                pickle.dumps(
+                    ("call", item.task_id, task.payload, task.app_version, task.push_context),
+                    pickle.HIGHEST_PROTOCOL,
+                )
+            )
+        except OSError:
+            # The worker died before it got the task: the task never ran, so it
+            # goes back to the front of the queue; the death is handled below.
+            with self._lock:
+                self._pending.appendleft(item)
+            self._worker_lost(worker)
+            return
+        worker.item = item
+        timeout = self.options.task_timeout
+        item.deadline = time.monotonic() + timeout if timeout else None
+
+    def _wait_and_handle(self) -> None:
+        deadlines = [w.item.deadline for w in self._workers if w.item and w.item.deadline]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        if self._retired:
+            timeout = min(timeout, 0.5) if timeout is not None else 0.5
+            self._retired = [p for p in self._retired if p.exitcode is None]
+        by_conn = {worker.conn: worker for worker in self._workers}
+        by_sentinel = {worker.process.sentinel: worker for worker in self._workers}
+        ready = wait([self._wake_reader, *by_conn, *by_sentinel], timeout)
+        for obj in ready:
+            if obj is self._wake_reader:
+                self._wake_reader.recv(4096)
+            elif obj in by_conn:
+                self._receive(by_conn[obj])
+        for obj in ready:
+            worker = by_sentinel.get(obj)  # type: ignore[call-overload]
+            if worker is not None and worker in self._workers:
+                self._worker_lost(worker)
+
+    def _receive(self, worker: _Worker) -> None:
+        try:
+            while worker.conn.poll():
+                task_id, outcome = pickle.loads(worker.conn.recv_bytes())
+                self._complete(worker, task_id, outcome)
+        except (EOFError, OSError):
+            self._worker_lost(worker)
+
+    def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
+        item = worker.item
+        worker.item = None
+        worker.tasks_done += 1
+        if item is not None and item.task_id == task_id:
+            ok, value = rebuild_outcome(outcome)
+            if ok:
+                settle(item.future, result=value)
+            else:
+                settle(item.future, exception=value)
+        limit = self.options.max_tasks_per_child
+        if limit and worker.tasks_done >= limit:
+            self._retire(worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        self._workers.remove(worker)
+        try:
+            worker.conn.send_bytes(pickle.dumps(("stop",)))
+        except OSError:
+            pass
+        worker.conn.close()
+        self._retired.append(worker.process)
+
+    def _worker_lost(self, worker: _Worker) -> None:
+        if worker not in self._workers:
+            return
+        try:  # a result sent just before dying still counts
+            while worker.item is not None and worker.conn.poll():
+                task_id, outcome = pickle.loads(worker.conn.recv_bytes())
+                self._complete(worker, task_id, outcome)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
+        if worker not in self._workers:
+            return
+        self._workers.remove(worker)
+        worker.process.join(1.0)
+        if worker.process.exitcode is None:
+            worker.process.kill()
+            worker.process.join(1.0)
+        worker.conn.close()
+        item = worker.item
+        if item is not None:
+            settle(item.future, exception=TerminatedWorkerError(_death_message(worker.process)))
+
+    def _kill(self, worker: _Worker) -> None:
+        self._workers.remove(worker)
+        worker.process.kill()
+        worker.process.join(_STOP_GRACE)
+        worker.conn.close()
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for worker in list(self._workers):
+            item = worker.item
+            if item is not None and item.deadline is not None and item.deadline <= now:
+                settle(
+                    item.future,
+                    exception=TaskTimeoutError(
+                        f"task ran past EXECUTOR_TASK_TIMEOUT ({self.options.task_timeout:g} s);"
+                        f" its worker (pid {worker.process.pid}) was killed"
+                    ),
+                )
+                self._kill(worker)
+
+    def _handle_stop_requests(self) -> None:
+        while self._stop_requests:
+            item = self._stop_requests.popleft()
+            for worker in self._workers:
+                if worker.item is item:
+                    self._kill(worker)
+                    break
+
+    def _stop_workers(self) -> None:
+        for worker in self._workers:
+            try:
+                worker.conn.send_bytes(pickle.dumps(("stop",)))
+            except OSError:
+                pass
+        deadline = time.monotonic() + _STOP_GRACE
+        for process in [w.process for w in self._workers] + self._retired:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+                process.join(1.0)
+        for worker in self._workers:
+            worker.conn.close()
+        self._workers.clear()
+        self._retired.clear()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+
+def _death_message(process: Any) -> str:
+    code = process.exitcode
+    if code is None:
+        how = "stopped responding"
+    elif code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        how = f"was killed by {name} (exit code {code})"
+    else:
+        how = f"exited with code {code}"
+    return (
+        f"the worker process (pid {process.pid}) running this task {how}; only this task"
+        " failed, a replacement worker starts for the others"
+    )

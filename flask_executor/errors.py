@@ -1,0 +1,75 @@
+"""Exception types raised by flask-executor.
+
+Each one subclasses the standard exception it refines, so ``except`` clauses
+written against :mod:`concurrent.futures` (or plain ``TypeError`` /
+``AttributeError``) keep working.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = [
+    "BodyNotCapturedError",
+    "GAttributeNotCopiedError",
+    "SerializationError",
+    "TaskTimeoutError",
+    "TerminatedWorkerError",
+]
+
+
+class SerializationError(TypeError):
+    """A callable, argument, return value or exception could not be pickled,
+    or could not be rebuilt on the other side.
+
+    :meth:`Executor.submit` raises it for the callable and its arguments, so
+    nothing unpicklable ever reaches a pool; for return values and exceptions
+    it becomes the task's own error. The message names the culprit, e.g.
+    ``args[0]: _thread.lock``.
+    """
+
+
+class TerminatedWorkerError(BrokenProcessPool):
+    """The worker process running the task died (exit, signal, segfault).
+
+    Only the task that was running fails; the pool starts a replacement
+    worker and keeps going. The message names the exit code or signal.
+    """
+
+
+if concurrent.futures.TimeoutError is TimeoutError:  # Python 3.11+
+
+    class TaskTimeoutError(TimeoutError):
+        """The task ran past ``EXECUTOR_TASK_TIMEOUT``.
+
+        Process tasks are killed; threads cannot be killed, so a thread task
+        keeps running in the background while its future fails.
+        """
+
+else:  # pragma: no cover - Python 3.10
+
+    class TaskTimeoutError(concurrent.futures.TimeoutError, TimeoutError):  # type: ignore[no-redef]
+        """The task ran past ``EXECUTOR_TASK_TIMEOUT``.
+
+        Process tasks are killed; threads cannot be killed, so a thread task
+        keeps running in the background while its future fails.
+        """
+
+
+class BodyNotCapturedError(RuntimeError):
+    """The task read a request body that was not carried into it.
+
+    Bodies larger than ``EXECUTOR_SNAPSHOT_MAX_BODY`` are not copied, and a
+    body the view consumed by reading ``request.stream`` cannot be copied.
+    Pass what the task needs as an argument instead.
+    """
+
+
+class GAttributeNotCopiedError(AttributeError):
+    """The task read a :data:`flask.g` attribute that was left out of its
+    snapshot because it could not be copied or pickled (a connection, a lock).
+
+    ``"name" in g`` is false for such attributes, so the usual
+    ``if "db" not in g: g.db = connect()`` opens a fresh resource in the task.
+    """

@@ -1,0 +1,497 @@
+"""The Flask extension: :class:`Executor`, its config, and :class:`ExecutorJob`.
+
+The executor is the front: it reads the config, captures the submitting
+context (:mod:`flask_executor.snapshot`), packages the call for its backend
+(closures for threads, one pickled payload for processes and Dask), and hands
+back a :class:`~flask_executor.futures.FutureProxy`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from flask import Flask, current_app, has_app_context
+from werkzeug.datastructures import FileStorage
+
+from .backends import Backend, BackendOptions, PickledTask, create_backend
+from .errors import SerializationError
+from .futures import FutureCollection, FutureProxy
+from .serialize import copy_filestorage, dumps_call, import_object
+from .snapshot import Snapshot, app_spec, capture, restore
+
+__all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+EXECUTOR_TYPES = ("thread", "process", "dask")
+START_METHODS = ("fork", "forkserver", "spawn")
+DEFAULT_MAX_BODY = 1024 * 1024
+
+
+def str2bool(value: Any) -> bool:
+    """Config booleans: ``'False'``, ``'0'``, ``'no'``, ``'off'`` and ``''``
+    are false, like ``False``, ``0`` and ``None``."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "n", "f", "")
+    return bool(value)
+
+
+def propagate_exceptions_callback(future: concurrent.futures.Future[Any]) -> None:
+    """Log a failed task's exception, with its traceback, through the app's
+    logger. Added to every future when ``EXECUTOR_PROPAGATE_EXCEPTIONS`` is
+    true; it runs inside the submitting app's context.
+
+    .. versionchanged:: 2.0
+        Logs through :attr:`flask.Flask.logger` instead of raising inside the
+        callback, where :mod:`concurrent.futures` swallowed it.
+    """
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is None:
+        return
+    log = current_app.logger if has_app_context() else None
+    message = "Task failed: %s: %s"
+    if log is not None:
+        log.error(message, type(exc).__name__, exc, exc_info=(type(exc), exc, exc.__traceback__))
+
+
+@dataclass
+class _AppState:
+    """What the executor resolved from one app's config."""
+
+    kind: str
+    options: BackendOptions
+    push_app_context: bool
+    propagate_exceptions: bool
+    config_exclude: tuple[str, ...]
+    max_body: int
+    app_factory: str | None
+    backend: Backend | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Executor(concurrent.futures.Executor):
+    """Run background tasks with the Flask context they were submitted from.
+
+    :param app: the Flask app; or call :meth:`init_app` later.
+    :param name: prefix of this executor's config keys (``name='reports'``
+        reads ``REPORTS_EXECUTOR_TYPE``) and of its key in
+        :attr:`flask.Flask.extensions`, so several executors can serve one app.
+        Letters, digits and underscores only.
+    :raises ValueError: the name has other characters.
+
+    Tasks see :data:`~flask.current_app`, a copy of :data:`~flask.request`,
+    of :data:`~flask.g` and of the session, taken at submit time, in thread,
+    process and Dask workers alike.
+    """
+
+    def __init__(self, app: Flask | None = None, name: str = "") -> None:
+        if re.fullmatch(r"\w*", name, flags=re.ASCII) is None:
+            raise ValueError(
+                f"Executor name {name!r} may only contain letters, numbers or underscores"
+            )
+        self.name = name
+        self._prefix = f"{name.upper()}_" if name else ""
+        self.app: Flask | None = None
+        self.futures = FutureCollection()
+        self._default_done_callbacks: list[Callable[[FutureProxy[Any]], object]] = []
+        self._states: weakref.WeakKeyDictionary[Flask, _AppState] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._shutdown = False
+        if app is not None:
+            self.init_app(app)
+
+    def _key(self, key: str) -> str:
+        return self._prefix + key
+
+    def init_app(self, app: Flask) -> None:
+        """Read the config and register the executor on ``app``.
+
+        Reads, each with this executor's name prefix: ``EXECUTOR_TYPE``,
+        ``EXECUTOR_MAX_WORKERS``, ``EXECUTOR_FUTURES_MAX_LENGTH``,
+        ``EXECUTOR_PROPAGATE_EXCEPTIONS``, ``EXECUTOR_PUSH_APP_CONTEXT``,
+        ``EXECUTOR_START_METHOD``, ``EXECUTOR_MAX_TASKS_PER_CHILD``,
+        ``EXECUTOR_TASK_TIMEOUT``, ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``,
+        ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY`` and
+        ``EXECUTOR_DASK_ADDRESS`` (see :doc:`/config`). May be called for
+        several apps; outside an app context the last one is used. No worker
+        starts here: pools start on the first submit.
+
+        :raises ValueError: a value is invalid; the message names the key.
+        """
+        config = app.config
+        defaults: dict[str, Any] = {
+            "EXECUTOR_TYPE": "thread",
+            "EXECUTOR_MAX_WORKERS": None,
+            "EXECUTOR_FUTURES_MAX_LENGTH": None,
+            "EXECUTOR_PROPAGATE_EXCEPTIONS": False,
+            "EXECUTOR_PUSH_APP_CONTEXT": True,
+            "EXECUTOR_START_METHOD": None,
+            "EXECUTOR_MAX_TASKS_PER_CHILD": None,
+            "EXECUTOR_TASK_TIMEOUT": None,
+            "EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE": (),
+            "EXECUTOR_SNAPSHOT_MAX_BODY": DEFAULT_MAX_BODY,
+            "EXECUTOR_APP_FACTORY": None,
+            "EXECUTOR_DASK_ADDRESS": None,
+        }
+        value = {key: config.setdefault(self._key(key), dflt) for key, dflt in defaults.items()}
+
+        kind = str(value["EXECUTOR_TYPE"]).strip().lower()
+        if kind not in EXECUTOR_TYPES:
+            raise ValueError(
+                f"{self._key('EXECUTOR_TYPE')} = {value['EXECUTOR_TYPE']!r} is not a valid"
+                f" executor type; choose one of {', '.join(map(repr, EXECUTOR_TYPES))}"
+            )
+        start_method = value["EXECUTOR_START_METHOD"]
+        if start_method is not None and start_method not in START_METHODS:
+            raise ValueError(
+                f"{self._key('EXECUTOR_START_METHOD')} = {start_method!r} is not a start"
+                f" method; choose one of {', '.join(map(repr, START_METHODS))}"
+            )
+        exclude = value["EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE"] or ()
+        if isinstance(exclude, str):
+            exclude = [part for part in re.split(r"[\s,]+", exclude) if part]
+        options = BackendOptions(
+            max_workers=self._int(value, "EXECUTOR_MAX_WORKERS"),
+            task_timeout=self._float(value, "EXECUTOR_TASK_TIMEOUT"),
+            start_method=start_method,
+            max_tasks_per_child=self._int(value, "EXECUTOR_MAX_TASKS_PER_CHILD"),
+            dask_address=value["EXECUTOR_DASK_ADDRESS"],
+        )
+        state = _AppState(
+            kind=kind,
+            options=options,
+            push_app_context=str2bool(value["EXECUTOR_PUSH_APP_CONTEXT"]),
+            propagate_exceptions=str2bool(value["EXECUTOR_PROPAGATE_EXCEPTIONS"]),
+            config_exclude=tuple(exclude),
+            max_body=self._int(value, "EXECUTOR_SNAPSHOT_MAX_BODY") or 0,
+            app_factory=value["EXECUTOR_APP_FACTORY"],
+        )
+        if kind == "dask":
+            from .backends import dask as _dask  # noqa: F401  (ImportError names the extra)
+
+        max_length = self._int(value, "EXECUTOR_FUTURES_MAX_LENGTH")
+        with self._lock:
+            self._states[app] = state
+            self.app = app
+            self._shutdown = False
+            if max_length is not None:
+                self.futures.max_length = max_length
+        app.extensions[self.name + "executor"] = self
+
+    def _int(self, values: dict[str, Any], key: str) -> int | None:
+        raw = values[key]
+        if raw is None or raw == "":
+            return None
+        try:
+            number = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{self._key(key)} = {raw!r} is not a whole number"
+            ) from None
+        if number < 1:
+            raise ValueError(f"{self._key(key)} = {raw!r} must be at least 1")
+        return number
+
+    def _float(self, values: dict[str, Any], key: str) -> float | None:
+        raw = values[key]
+        if raw is None or raw == "":
+            return None
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self._key(key)} = {raw!r} is not a number of seconds") from None
+        if number <= 0:
+            raise ValueError(f"{self._key(key)} = {raw!r} must be more than 0")
+        return number
+
+    # -- which app ---------------------------------------------------------
+
+    def _app_and_state(self) -> tuple[Flask, _AppState]:
+        if has_app_context():
+            app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+            state = self._states.get(app)
+            if state is not None:
+                return app, state
+            if self.app is None:
+                raise RuntimeError(
+                    f"Executor {self.name!r} is not initialised for app {app.name!r};"
+                    " call executor.init_app(app)"
+                )
+        if self.app is None:
+            raise RuntimeError(
+                f"Executor {self.name!r} has no app: pass one to Executor(app) or call"
+                " executor.init_app(app) before submitting"
+            )
+        return self.app, self._states[self.app]
+
+    def _backend(self, state: _AppState) -> Backend:
+        backend = state.backend
+        if backend is None:
+            with state.lock:
+                if self._shutdown:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                if state.backend is None:
+                    state.backend = create_backend(state.kind, state.options)
+                backend = state.backend
+        return backend
+
+    # -- submitting ----------------------------------------------------------
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> FutureProxy[T]:
+        """Schedule ``fn(*args, **kwargs)`` and return its future.
+
+        The task runs with a copy of the current app, request, ``g`` and
+        session context (see :doc:`/context`).
+
+        :raises SerializationError: (process and Dask) the callable or an
+            argument cannot be pickled; the message names which.
+        :raises RuntimeError: the executor was shut down.
+        """
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        app, state = self._app_and_state()
+        return self._submit(app, state, fn, args, kwargs)
+
+    def _submit(
+        self,
+        app: Flask,
+        state: _AppState,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> FutureProxy[T]:
+        backend = self._backend(state)
+        snap: Snapshot | None = None
+        if state.push_app_context:
+            snap = capture(max_body=state.max_body, for_thread=not backend.pickles)
+        task: Any
+        if backend.pickles:
+            spec_version, spec = app_spec(app, state.config_exclude, state.app_factory)
+            try:
+                payload = dumps_call(fn, args, kwargs, snap)
+            except SerializationError:
+                if snap is None:
+                    raise
+                # Leave out what cannot travel (g.db, a lock); reading it in the
+                # task says so. Raises again, naming it, if fn or an argument fails.
+                snap = snap.picklable()
+                payload = dumps_call(fn, args, kwargs, snap)
+            task = PickledTask(payload, spec_version, spec, state.push_app_context)
+        else:
+            task = _thread_task(app, snap if state.push_app_context else None, fn, args, kwargs)
+        future: FutureProxy[T] = FutureProxy(_callback_context(app, snap))
+        if state.propagate_exceptions:
+            future.add_done_callback(propagate_exceptions_callback)
+        for callback in self._default_done_callbacks:
+            future.add_done_callback(callback)
+        backend.submit(future, task)
+        return future
+
+    def submit_stored(
+        self, future_key: Hashable, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> FutureProxy[T]:
+        """Like :meth:`submit`, and store the future in :attr:`futures` under
+        ``future_key``.
+
+        :raises ValueError: ``future_key`` is taken; raised *before* anything
+            is submitted.
+        """
+        self.futures.check_available(future_key)
+        future = self.submit(fn, *args, **kwargs)
+        self.futures.add(future_key, future)
+        return future
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like :meth:`concurrent.futures.Executor.map`: results in input
+        order, each item run with its own copy of the context.
+
+        With a process or Dask backend, ``chunksize`` items travel together
+        in one payload (and share one context).
+        """
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        end = time.monotonic() + timeout if timeout is not None else None
+        app, state = self._app_and_state()
+        items = zip(*iterables, strict=False)
+        futures: list[FutureProxy[Any]]
+        if chunksize > 1 and self._backend(state).pickles:
+            chunks = _chunks(items, chunksize)
+            futures = [self._submit(app, state, _run_chunk, (fn, chunk), {}) for chunk in chunks]
+            return _flatten(_results(futures, end))
+        futures = [self._submit(app, state, fn, item, {}) for item in items]
+        return _results(futures, end)
+
+    def job(self, fn: Callable[P, T]) -> ExecutorJob[P, T]:
+        """Decorate ``fn`` so it can be submitted as ``fn.submit(...)``.
+
+        Works before :meth:`init_app` and with every backend.
+        """
+        return ExecutorJob(executor=self, fn=fn)
+
+    def add_default_done_callback(self, fn: Callable[[FutureProxy[Any]], object]) -> None:
+        """Add a callback to every future this executor returns from now on;
+        it runs inside the submitting app's context."""
+        self._default_done_callbacks.append(fn)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks and release the workers, like
+        :meth:`concurrent.futures.Executor.shutdown`. Pending tasks still run
+        unless ``cancel_futures``. Called at interpreter exit for executors
+        that were not shut down."""
+        with self._lock:
+            self._shutdown = True
+            states = list(self._states.values())
+        for state in states:
+            with state.lock:
+                backend = state.backend
+            if backend is not None:
+                backend.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _thread_task(
+    app: Flask,
+    snap: Snapshot | None,
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Callable[[], T]:
+    # The view's uploaded files are closed when its request ends.
+    if any(isinstance(arg, FileStorage) for arg in args):
+        args = tuple(copy_filestorage(a) if isinstance(a, FileStorage) else a for a in args)
+
+    if snap is None:
+        return functools.partial(fn, *args, **kwargs)
+
+    def task() -> T:
+        with restore(app, snap):
+            return app.ensure_sync(fn)(*args, **kwargs)  # type: ignore[no-any-return]
+
+    return task
+
+
+def _callback_context(
+    app: Flask, snap: Snapshot | None
+) -> Callable[[], AbstractContextManager[Any]]:
+    def factory() -> AbstractContextManager[Any]:
+        if snap is None:
+            return app.app_context() if not has_app_context() else nullcontext()
+        return restore(app, snap)
+
+    return factory
+
+
+def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    chunk: list[tuple[Any, ...]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*item) for item in chunk]
+
+
+def _flatten(chunks: Iterator[list[T]]) -> Iterator[T]:
+    for chunk in chunks:
+        yield from chunk
+
+
+def _results(futures: list[FutureProxy[Any]], end: float | None) -> Iterator[Any]:
+    """Yield results in order; on early exit, cancel what has not started."""
+    try:
+        futures.reverse()
+        while futures:
+            future = futures[-1]
+            if end is None:
+                result = future.result()
+            else:
+                result = future.result(end - time.monotonic())
+            futures.pop()
+            yield result
+    finally:
+        for future in futures:
+            _cancel_if_pending(future)
+
+
+def _cancel_if_pending(future: FutureProxy[Any]) -> None:
+    """Cancel ``future`` only if it has not started (map's generator closing
+    must not kill running tasks)."""
+    concurrent.futures.Future.cancel(future)
+
+
+class ExecutorJob(Generic[P, T]):
+    """A function decorated with :meth:`Executor.job`.
+
+    Calling the job runs the function inline (so recursive jobs work);
+    :meth:`submit`, :meth:`submit_stored` and :meth:`map` run it on the
+    executor. It keeps the function's name and docstring, and pickles by
+    reference to its module, so jobs work with process and Dask backends.
+    """
+
+    def __init__(self, executor: Executor, fn: Callable[P, T]) -> None:
+        self.executor = executor
+        self.fn = fn
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.fn(*args, **kwargs)
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> FutureProxy[T]:
+        """Submit the job; see :meth:`Executor.submit`."""
+        return self.executor.submit(self, *args, **kwargs)
+
+    def submit_stored(
+        self, future_key: Hashable, *args: P.args, **kwargs: P.kwargs
+    ) -> FutureProxy[T]:
+        """Submit the job and store its future; see :meth:`Executor.submit_stored`."""
+        return self.executor.submit_stored(future_key, self, *args, **kwargs)
+
+    def map(
+        self, *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[T]:
+        """Map the job over ``iterables``; see :meth:`Executor.map`."""
+        return self.executor.map(self, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        module = getattr(self.fn, "__module__", None)
+        qualname = getattr(self.fn, "__qualname__", "")
+        if module and module != "__main__" and "<locals>" not in qualname:
+            return (import_object, (module, qualname))
+        return (_InlineJob, (self.fn,))
+
+
+class _InlineJob:
+    """A job as seen inside a worker: calling it runs the function inline."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)

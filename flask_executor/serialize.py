@@ -1,0 +1,151 @@
+"""Pickling for process and cluster workers.
+
+Everything that crosses a process boundary goes through :func:`dumps`: a
+:class:`cloudpickle.CloudPickler` (so lambdas, closures and functions defined
+in ``__main__`` travel by value) that also knows how to carry Werkzeug
+:class:`~werkzeug.datastructures.FileStorage` objects, whose open file the
+standard pickler cannot handle. :func:`dumps_call` adds the diagnosis that lets
+:meth:`~flask_executor.Executor.submit` name the argument that failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+from collections import ChainMap
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import cloudpickle
+import flask
+from werkzeug.datastructures import FileStorage, Headers
+from werkzeug.local import LocalProxy
+
+from .errors import SerializationError
+
+__all__ = ["copy_filestorage", "dumps", "dumps_call", "import_object", "loads", "type_name"]
+
+loads = pickle.loads
+
+
+def type_name(obj: object) -> str:
+    """``module.QualName`` of ``obj``'s type, as used in error messages."""
+    cls = type(obj)
+    module = cls.__module__
+    if module == "builtins":
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
+
+
+def _filestorage_reduce(storage: FileStorage) -> tuple[Callable[..., FileStorage], tuple[Any, ...]]:
+    stream = storage.stream
+    position = stream.tell() if stream.seekable() else None
+    if position is not None:
+        stream.seek(0)
+    data = stream.read()
+    if position is not None:
+        stream.seek(position)
+    return _filestorage_restore, (
+        data,
+        storage.filename,
+        storage.name,
+        storage.content_type,
+        list(storage.headers.items()),
+    )
+
+
+def _filestorage_restore(
+    data: bytes,
+    filename: str | None,
+    name: str | None,
+    content_type: str | None,
+    headers: list[tuple[str, str]],
+) -> FileStorage:
+    return FileStorage(
+        io.BytesIO(data),
+        filename=filename,
+        name=name,
+        content_type=content_type,
+        headers=Headers(headers),
+    )
+
+
+def copy_filestorage(storage: FileStorage) -> FileStorage:
+    """An independent in-memory copy of ``storage`` (the request's own file is
+    closed when the request ends)."""
+    restore, args = _filestorage_reduce(storage)
+    return restore(*args)
+
+
+def _proxy_reduce(proxy: LocalProxy[Any]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """Flask's context globals travel by name: in the worker,
+    ``current_app`` is the worker's ``current_app``. That is what a lambda or
+    closure that mentions ``current_app``, ``request``, ``g`` or ``session``
+    needs."""
+    for name in _FLASK_GLOBALS:
+        if getattr(flask, name) is proxy:
+            return import_object, ("flask", name)
+    raise pickle.PicklingError(
+        "a werkzeug LocalProxy cannot be pickled; pass the object it points to"
+        " (proxy._get_current_object()) or plain data instead"
+    )
+
+
+_FLASK_GLOBALS = ("current_app", "g", "request", "session")
+
+
+def import_object(module: str, qualname: str) -> Any:
+    """``module.qualname``, importing ``module``."""
+    target: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+class _Pickler(cloudpickle.CloudPickler):
+    dispatch_table = ChainMap(
+        {FileStorage: _filestorage_reduce, LocalProxy: _proxy_reduce},
+        cloudpickle.CloudPickler.dispatch_table,
+    )
+
+
+def dumps(obj: object) -> bytes:
+    """Pickle ``obj`` with cloudpickle and the :class:`FileStorage` reducer."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def _call_parts(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Iterable[tuple[str, object]]:
+    yield "the callable", fn
+    for index, arg in enumerate(args):
+        yield f"args[{index}]", arg
+    for key, value in kwargs.items():
+        yield f"kwargs[{key!r}]", value
+
+
+def dumps_call(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], extra: object
+) -> bytes:
+    """Pickle a call ``(fn, args, kwargs, extra)``.
+
+    :raises SerializationError: the callable or an argument cannot be pickled;
+        the message names which one and its type, e.g. ``args[0]: _thread.lock``.
+    """
+    try:
+        return dumps((fn, args, kwargs, extra))
+    except Exception as exc:
+        error: Exception = exc
+    for label, part in _call_parts(fn, args, kwargs):
+        try:
+            dumps(part)
+        except Exception as exc:
+            raise SerializationError(
+                f"{label}: {type_name(part)} cannot be pickled for a process worker"
+                f" ({exc}). Pass plain data (ids, strings, dicts) and open resources"
+                " inside the task."
+            ) from exc
+    raise SerializationError(f"the task could not be pickled: {error}") from error

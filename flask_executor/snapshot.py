@@ -1,0 +1,591 @@
+"""Capture the Flask context of a submit and rebuild it around a task.
+
+At submit time, :func:`capture` takes a :class:`Snapshot` of :data:`~flask.g`
+and of the request (environ, body, custom attributes, session). In a thread
+worker, :func:`restore` turns it back into real, pushed Flask contexts on the
+live app; in a process or cluster worker the snapshot arrives pickled, beside
+an :class:`AppSpec` (made by :func:`app_spec`) from which :func:`restore_app`
+builds the worker's app once per process.
+
+Each piece comes as a pair, ``_x_reduce`` (capture side) and ``_x_restore``
+(worker side), so the two halves sit together. Only public Flask APIs are
+used: contexts are created with :meth:`~flask.Flask.app_context` and
+:class:`~flask.ctx.RequestContext`, never through Flask's context variables.
+This module imports nothing from the executor.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import io
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import Flask, g, has_app_context, has_request_context, request, session
+from flask.ctx import RequestContext
+from flask.sessions import NullSession
+from werkzeug.datastructures import MultiDict
+from werkzeug.routing import Rule
+from werkzeug.test import encode_multipart
+from werkzeug.wrappers import Request
+
+from .errors import BodyNotCapturedError, GAttributeNotCopiedError
+from .serialize import copy_filestorage, dumps, import_object, type_name
+
+__all__ = [
+    "AppSpec",
+    "RequestSnapshot",
+    "Snapshot",
+    "app_spec",
+    "capture",
+    "restore",
+    "restore_app",
+]
+
+logger = logging.getLogger("flask_executor")
+
+_ATOMIC = (str, bytes, int, float, bool, type(None), complex)
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+class _NotCopyable(Exception):
+    pass
+
+
+def _thread_copy(value: Any) -> Any:
+    """A deep copy for another thread; resources (locks, connections) raise."""
+    if type(value) in _ATOMIC:
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception as exc:
+        raise _NotCopyable(type_name(value)) from exc
+
+
+def _pickle_check(value: Any) -> Any:
+    """Process mode keeps references: the payload pickle is the copy. This
+    only sorts out what cannot travel at all."""
+    if type(value) in _ATOMIC:
+        return value
+    try:
+        dumps(value)
+    except Exception as exc:
+        raise _NotCopyable(type_name(value)) from exc
+    return value
+
+
+@dataclass
+class RequestSnapshot:
+    """What a task needs to rebuild the request it was submitted from."""
+
+    environ: dict[str, Any]
+    body: bytes | None
+    #: Why ``body`` is ``None`` (too large, consumed); names the config key.
+    body_missing: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    omitted_attrs: dict[str, str] = field(default_factory=dict)
+    session: dict[str, Any] | None = None
+    null_session: bool = False
+
+
+@dataclass
+class Snapshot:
+    """The context of one submit: :data:`~flask.g` and the request."""
+
+    g: dict[str, Any]
+    omitted_g: dict[str, str] = field(default_factory=dict)
+    request: RequestSnapshot | None = None
+
+    def picklable(self) -> Snapshot:
+        """A copy without the values that cannot be pickled (they are listed
+        as omitted, so reading them in the task says why they are missing)."""
+        g_values, omitted_g = _filter(self.g, _pickle_check)
+        snap = replace(self, g=g_values, omitted_g={**self.omitted_g, **omitted_g})
+        if self.request is not None:
+            attrs, omitted = _filter(self.request.attrs, _pickle_check)
+            session_data, _ = _filter(self.request.session or {}, _pickle_check)
+            snap.request = replace(
+                self.request,
+                attrs=attrs,
+                omitted_attrs={**self.request.omitted_attrs, **omitted},
+                session=session_data if self.request.session is not None else None,
+            )
+        return snap
+
+
+def _filter(values: dict[str, Any], copier: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    kept: dict[str, Any] = {}
+    omitted: dict[str, str] = {}
+    for name, value in values.items():
+        try:
+            kept[name] = copier(value)
+        except _NotCopyable as exc:
+            omitted[name] = str(exc)
+    return kept, omitted
+
+
+# -- capture / restore of the whole context ------------------------------------
+
+
+def capture(*, max_body: int, for_thread: bool) -> Snapshot:
+    """Snapshot the current :data:`~flask.g` and request.
+
+    :param max_body: largest request body carried, in bytes.
+    :param for_thread: ``True``: deep-copy values now (the task shares the
+        process); ``False``: keep references, the caller pickles the snapshot
+        at once (a process payload).
+    """
+    if not has_app_context():
+        return Snapshot(g={})
+    copier = _thread_copy if for_thread else _identity
+    g_values, omitted_g = _filter(_g_reduce(), copier)
+    snap = Snapshot(g=g_values, omitted_g=omitted_g)
+    if has_request_context():
+        snap.request = _request_reduce(max_body, copier, for_thread)
+    return snap
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@contextmanager
+def restore(app: Flask, snap: Snapshot | None) -> Iterator[None]:
+    """Push real Flask contexts for ``app`` rebuilt from ``snap``.
+
+    With a request snapshot a request context is pushed (it brings its own app
+    context, so ``teardown_request`` and ``teardown_appcontext`` run when the
+    task ends); without one, an app context.
+    """
+    ctx: Any
+    req = snap.request if snap is not None else None
+    if req is None:
+        ctx = app.app_context()
+    else:
+        ctx = _request_restore(app, req)
+    ctx.push()
+    error: BaseException | None = None
+    try:
+        if snap is not None:
+            _g_restore(snap)
+            if req is not None:
+                _request_attrs_restore(req)
+                if not req.null_session:
+                    _session_apply(req)
+        yield
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        ctx.pop(error)
+
+
+# -- g -------------------------------------------------------------------------
+
+
+def _g_reduce() -> dict[str, Any]:
+    return dict(vars(g._get_current_object()))
+
+
+def _g_restore(snap: Snapshot) -> None:
+    target = g._get_current_object()
+    for name, value in snap.g.items():
+        setattr(target, name, value)
+    if snap.omitted_g:
+        target.__class__ = _omitting_class(type(target), snap.omitted_g)
+
+
+_omitting_classes: dict[tuple[type, frozenset[tuple[str, str]]], type] = {}
+_omitting_lock = threading.Lock()
+
+
+def _omitting_class(base: type, omitted: dict[str, str]) -> type:
+    """A subclass of the app's ``g`` class whose missing-attribute error says
+    that the attribute was left out and why."""
+    key = (base, frozenset(omitted.items()))
+    with _omitting_lock:
+        cls = _omitting_classes.get(key)
+        if cls is not None:
+            return cls
+        reasons = dict(omitted)
+
+        def __getattr__(self: Any, name: str) -> Any:
+            reason = reasons.get(name)
+            if reason is not None:
+                raise GAttributeNotCopiedError(
+                    f"g.{name} was not copied into this task: its value ({reason}) could"
+                    " not be pickled or copied. Create it inside the task, e.g."
+                    f" `if {name!r} not in g: g.{name} = ...`."
+                )
+            return base.__getattr__(self, name)
+
+        cls = type(base.__name__, (base,), {"__getattr__": __getattr__})
+        _omitting_classes[key] = cls
+        return cls
+
+
+# -- request -------------------------------------------------------------------
+
+
+_PLAIN_ENVIRON = (str, bytes, int, float, bool, type(None))
+_request_fields: dict[type, frozenset[str]] = {}
+
+
+def _custom_attrs(req: Request) -> dict[str, Any]:
+    """Attributes the app set on ``request`` (``request.user = ...``), as
+    opposed to Werkzeug's own state and caches."""
+    cls = type(req)
+    known = _request_fields.get(cls)
+    if known is None:
+        fresh = cls({"REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()})
+        known = frozenset(vars(fresh)) | frozenset(dir(cls))
+        _request_fields[cls] = known
+    return {
+        name: value
+        for name, value in vars(req).items()
+        if name not in known and not name.startswith("_")
+    }
+
+
+def _request_reduce(max_body: int, copier: Any, for_thread: bool) -> RequestSnapshot:
+    req: Request = request._get_current_object()  # type: ignore[attr-defined]
+    if for_thread:
+        environ = dict(req.environ)
+    else:
+        environ = {
+            key: value
+            for key, value in req.environ.items()
+            if type(value) in _PLAIN_ENVIRON
+            or (type(value) is tuple and all(type(v) in _PLAIN_ENVIRON for v in value))
+        }
+    environ.pop("werkzeug.request", None)
+    environ.pop("wsgi.input", None)
+    body, missing = _body_reduce(req, environ, max_body)
+    attrs, omitted_attrs = _filter(_custom_attrs(req), copier)
+    session_data, null_session = _session_reduce(copier)
+    return RequestSnapshot(
+        environ=environ,
+        body=body,
+        body_missing=missing,
+        attrs=attrs,
+        omitted_attrs=omitted_attrs,
+        session=session_data,
+        null_session=null_session,
+    )
+
+
+def _request_restore(app: Flask, snap: RequestSnapshot) -> RequestContext:
+    environ = dict(snap.environ)
+    if snap.body is None:
+        environ["wsgi.input"] = _MissingBody(snap.body_missing or "the body was not captured")
+    else:
+        environ["wsgi.input"] = io.BytesIO(snap.body)
+    return RequestContext(app, environ, session=_session_restore(app, snap))
+
+
+def _session_apply(snap: RequestSnapshot) -> None:
+    """For session interfaces without ``session_class``: the interface opened
+    the session from the cookie; make its data the view's."""
+    current = session._get_current_object()  # type: ignore[attr-defined]
+    if snap.session is not None and dict(current) != snap.session:
+        current.clear()
+        current.update(snap.session)
+
+
+def _request_attrs_restore(snap: RequestSnapshot) -> None:
+    target = request._get_current_object()  # type: ignore[attr-defined]
+    for name, value in snap.attrs.items():
+        setattr(target, name, value)
+
+
+def _body_reduce(
+    req: Request, environ: dict[str, Any], max_body: int
+) -> tuple[bytes | None, str | None]:
+    """The request body to carry, or ``None`` and the reason it is not."""
+    length = req.content_length
+    if not length and not environ.get("wsgi.input_terminated"):
+        return b"", None
+    if length is not None and length > max_body:
+        return None, (
+            f"the request body ({length} bytes) is larger than"
+            f" EXECUTOR_SNAPSHOT_MAX_BODY ({max_body} bytes), so it was not copied into"
+            " the task; raise that setting or pass what the task needs as arguments"
+        )
+    form_parsed = "form" in vars(req)
+    data = req.get_data(cache=True)
+    if length is not None and len(data) < length:
+        if form_parsed and req.mimetype in _FORM_TYPES:
+            return _form_body_reduce(req, environ), None
+        return None, (
+            "the request body was consumed by the view (request.stream was read) before"
+            " submit(), so it could not be copied into the task; read it with"
+            " request.get_data() or pass it as an argument"
+        )
+    if len(data) > max_body:
+        return None, (
+            f"the request body ({len(data)} bytes) is larger than"
+            f" EXECUTOR_SNAPSHOT_MAX_BODY ({max_body} bytes), so it was not copied into"
+            " the task; raise that setting or pass what the task needs as arguments"
+        )
+    return data, None
+
+
+def _form_body_reduce(req: Request, environ: dict[str, Any]) -> bytes:
+    """Re-encode form data that the view already parsed (the parser consumed
+    the original body)."""
+    if req.mimetype == "multipart/form-data":
+        values: MultiDict[str, Any] = MultiDict(req.form.items(multi=True))
+        for key, storage in req.files.items(multi=True):
+            values.add(key, copy_filestorage(storage))
+        boundary, body = encode_multipart(values)
+        environ["CONTENT_TYPE"] = f"multipart/form-data; boundary={boundary}"
+    else:
+        body = urlencode(list(req.form.items(multi=True))).encode()
+    environ["CONTENT_LENGTH"] = str(len(body))
+    return body
+
+
+
+class _MissingBody(io.RawIOBase):
+    """``wsgi.input`` of a task whose request body was not carried: reading
+    it raises :exc:`BodyNotCapturedError` instead of returning a silent
+    empty body."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise BodyNotCapturedError(self.reason)
+
+
+# -- session -------------------------------------------------------------------
+
+
+def _session_reduce(copier: Any) -> tuple[dict[str, Any] | None, bool]:
+    current = session._get_current_object()  # type: ignore[attr-defined]
+    if isinstance(current, NullSession):
+        return None, True
+    accessed = getattr(current, "accessed", None)
+    data, _ = _filter(dict(current), copier)
+    if accessed is not None:
+        current.accessed = accessed  # reading it for the task is not the view's access
+    return data, False
+
+
+def _session_restore(app: Flask, snap: RequestSnapshot) -> Any:
+    interface = app.session_interface
+    if snap.null_session:
+        return interface.make_null_session(app)
+    session_class = getattr(interface, "session_class", None)
+    if session_class is None or snap.session is None:
+        return None  # the session interface opens it from the request's cookie
+    return session_class(snap.session)
+
+
+# -- the app, for process and cluster workers --------------------------------
+
+
+@dataclass
+class AppSpec:
+    """How a worker builds its Flask app: from ``factory``, from the live app
+    it inherited by ``fork``, or as a stand-in with the same routes and
+    templates. ``config`` is applied on top in each case."""
+
+    token: str
+    version: str
+    factory: str | None
+    import_name: str
+    root_path: str | None
+    template_folder: str | None
+    static_folder: str | None
+    static_url_path: str | None
+    instance_path: str
+    request_class: type | None
+    converters: dict[str, Any]
+    host_matching: bool
+    subdomain_matching: bool
+    rules: list[dict[str, Any]]
+    config: dict[str, Any]
+
+
+@dataclass
+class _SpecCache:
+    config: dict[str, Any]
+    view_count: int
+    version: str
+    payload: bytes
+    warned: set[str] = field(default_factory=set)
+
+
+_spec_caches: weakref.WeakKeyDictionary[Flask, _SpecCache] = weakref.WeakKeyDictionary()
+_spec_lock = threading.Lock()
+#: Live apps by token, so that workers forked from this process find theirs.
+_live_apps: weakref.WeakValueDictionary[str, Flask] = weakref.WeakValueDictionary()
+_app_tokens: weakref.WeakKeyDictionary[Flask, str] = weakref.WeakKeyDictionary()
+
+
+def app_token(app: Flask) -> str:
+    """A stable identifier for ``app`` in this process."""
+    with _spec_lock:
+        token = _app_tokens.get(app)
+        if token is None:
+            token = uuid.uuid4().hex
+            _app_tokens[app] = token
+            _live_apps[token] = app
+        return token
+
+
+def app_spec(app: Flask, exclude: Sequence[str], factory: str | None) -> tuple[str, bytes]:
+    """``(version, pickled AppSpec)`` for ``app``'s current config and routes.
+
+    Cached: as long as the config compares equal key by key and no view was
+    added, the same version and bytes are returned without pickling anything,
+    so the per-task cost does not grow with the size of the config.
+    """
+    config = app.config
+    with _spec_lock:
+        cache = _spec_caches.get(app)
+    try:
+        if cache is not None and cache.view_count == len(app.view_functions):
+            if config == cache.config:
+                return cache.version, cache.payload
+    except Exception:  # values whose == is not a bool (arrays): rebuild
+        pass
+    warned = cache.warned if cache is not None else set()
+    spec = _app_reduce(app, exclude, factory, warned)
+    payload = dumps(spec)
+    new = _SpecCache(dict(config), len(app.view_functions), spec.version, payload, warned)
+    with _spec_lock:
+        _spec_caches[app] = new
+    return new.version, new.payload
+
+
+def _config_reduce(app: Flask, exclude: Sequence[str], warned: set[str]) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for key, value in app.config.items():
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in exclude):
+            continue
+        try:
+            kept[key] = _pickle_check(value)
+        except _NotCopyable as exc:
+            if key not in warned:
+                warned.add(key)
+                logger.warning(
+                    "config[%r] (%s) cannot be pickled and is left out of process"
+                    " and cluster tasks",
+                    key,
+                    exc,
+                )
+    return kept
+
+
+def _app_reduce(
+    app: Flask, exclude: Sequence[str], factory: str | None, warned: set[str]
+) -> AppSpec:
+    url_map = app.url_map
+    rules = []
+    for rule in url_map.iter_rules():
+        if rule.endpoint == "static" and app.has_static_folder:
+            continue
+        rules.append(
+            {
+                "string": rule.rule,
+                "endpoint": rule.endpoint,
+                "methods": rule.methods,
+                "defaults": rule.defaults,
+                "subdomain": rule.subdomain,
+                "host": rule.host,
+                "strict_slashes": rule.strict_slashes,
+                "merge_slashes": rule.merge_slashes,
+                "build_only": rule.build_only,
+                "redirect_to": rule.redirect_to if isinstance(rule.redirect_to, str) else None,
+                "websocket": rule.websocket,
+            }
+        )
+    defaults = type(url_map).default_converters
+    return AppSpec(
+        token=app_token(app),
+        version=uuid.uuid4().hex,
+        factory=factory,
+        import_name=app.import_name,
+        root_path=app.root_path,
+        template_folder=app.template_folder,  # type: ignore[arg-type]
+        static_folder=app.static_folder if app.has_static_folder else None,
+        static_url_path=app.static_url_path,
+        instance_path=app.instance_path,
+        request_class=app.request_class if app.request_class is not Flask.request_class else None,
+        converters={k: v for k, v in url_map.converters.items() if defaults.get(k) is not v},
+        host_matching=url_map.host_matching,
+        subdomain_matching=app.subdomain_matching,
+        rules=rules,
+        config=_config_reduce(app, exclude, warned),
+    )
+
+
+#: The apps this worker process has built, and the config version applied.
+_worker_apps: dict[str, tuple[Flask, str]] = {}
+
+
+def restore_app(spec: AppSpec) -> Flask:
+    """The worker's app for ``spec``, built once per process and updated
+    with ``spec.config`` whenever its version changes."""
+    key = f"factory:{spec.factory}" if spec.factory else f"app:{spec.token}"
+    entry = _worker_apps.get(key)
+    if entry is None:
+        if spec.factory:
+            app = _factory_restore(spec.factory)
+        else:
+            app = _live_apps.get(spec.token) or _standin_restore(spec)
+        entry = (app, "")
+    app, applied = entry
+    if applied != spec.version:
+        app.config.update(spec.config)
+        _worker_apps[key] = (app, spec.version)
+    return app
+
+
+def _factory_restore(factory: str) -> Flask:
+    module_name, _, attr = factory.partition(":")
+    if not module_name or not attr:
+        raise ValueError(
+            f"EXECUTOR_APP_FACTORY must look like 'package.module:create_app', got {factory!r}"
+        )
+    target = import_object(module_name, attr)
+    app = target() if not isinstance(target, Flask) else target
+    if not isinstance(app, Flask):
+        raise TypeError(
+            f"EXECUTOR_APP_FACTORY {factory!r} returned {type_name(app)}, not a Flask app"
+        )
+    return app
+
+
+def _standin_restore(spec: AppSpec) -> Flask:
+    app = Flask(
+        spec.import_name,
+        root_path=spec.root_path,
+        template_folder=spec.template_folder,
+        static_folder=spec.static_folder,
+        static_url_path=spec.static_url_path,
+        instance_path=spec.instance_path,
+        host_matching=spec.host_matching,
+        subdomain_matching=spec.subdomain_matching,
+    )
+    if spec.request_class is not None:
+        app.request_class = spec.request_class
+    app.url_map.converters.update(spec.converters)
+    for rule in spec.rules:
+        options = dict(rule)
+        app.url_map.add(Rule(options.pop("string"), **options))
+    return app
