@@ -8,6 +8,7 @@ written against :mod:`concurrent.futures` (or plain ``TypeError`` /
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
@@ -38,7 +39,7 @@ class TerminatedWorkerError(BrokenProcessPool):
     """
 
 
-if concurrent.futures.TimeoutError is TimeoutError:  # Python 3.11+
+if sys.version_info >= (3, 11):  # concurrent.futures.TimeoutError is TimeoutError
 
     class TaskTimeoutError(TimeoutError):
         """The task ran past ``EXECUTOR_TASK_TIMEOUT``.
@@ -49,7 +50,7 @@ if concurrent.futures.TimeoutError is TimeoutError:  # Python 3.11+
 
 else:  # pragma: no cover - Python 3.10
 
-    class TaskTimeoutError(concurrent.futures.TimeoutError, TimeoutError):  # type: ignore[no-redef]
+    class TaskTimeoutError(concurrent.futures.TimeoutError, TimeoutError):
         """The task ran past ``EXECUTOR_TASK_TIMEOUT``.
 
         Process tasks are killed; threads cannot be killed, so a thread task

@@ -15,6 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -33,7 +34,7 @@ __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-EXECUTOR_TYPES = ("thread", "process", "dask")
+EXECUTOR_TYPES = ("thread", "process")
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_MAX_BODY = 1024 * 1024
 
@@ -105,7 +106,7 @@ class Executor(concurrent.futures.Executor):
         self._prefix = f"{name.upper()}_" if name else ""
         self.app: Flask | None = None
         self.futures = FutureCollection()
-        self._default_done_callbacks: list[Callable[[FutureProxy[Any]], object]] = []
+        self._default_done_callbacks: list[Callable[[Future[Any]], object]] = []
         self._states: weakref.WeakKeyDictionary[Flask, _AppState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._shutdown = False
@@ -178,9 +179,6 @@ class Executor(concurrent.futures.Executor):
             max_body=self._int(value, "EXECUTOR_SNAPSHOT_MAX_BODY") or 0,
             app_factory=value["EXECUTOR_APP_FACTORY"],
         )
-        if kind == "dask":
-            from .backends import dask as _dask  # noqa: F401  (ImportError names the extra)
-
         max_length = self._int(value, "EXECUTOR_FUTURES_MAX_LENGTH")
         with self._lock:
             self._states[app] = state
@@ -249,7 +247,7 @@ class Executor(concurrent.futures.Executor):
 
     # -- submitting ----------------------------------------------------------
 
-    def submit(  # type: ignore[override]
+    def submit(
         self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> FutureProxy[T]:
         """Schedule ``fn(*args, **kwargs)`` and return its future.
@@ -273,6 +271,7 @@ class Executor(concurrent.futures.Executor):
         fn: Callable[..., T],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        chunked: bool = False,
     ) -> FutureProxy[T]:
         backend = self._backend(state)
         snap: Snapshot | None = None
@@ -282,15 +281,15 @@ class Executor(concurrent.futures.Executor):
         if backend.pickles:
             spec_version, spec = app_spec(app, state.config_exclude, state.app_factory)
             try:
-                payload = dumps_call(fn, args, kwargs, snap)
+                payload = dumps_call(fn, args, kwargs, snap, by_value_main=backend.by_value_main)
             except SerializationError:
                 if snap is None:
                     raise
                 # Leave out what cannot travel (g.db, a lock); reading it in the
                 # task says so. Raises again, naming it, if fn or an argument fails.
                 snap = snap.picklable()
-                payload = dumps_call(fn, args, kwargs, snap)
-            task = PickledTask(payload, spec_version, spec, state.push_app_context)
+                payload = dumps_call(fn, args, kwargs, snap, by_value_main=backend.by_value_main)
+            task = PickledTask(payload, spec_version, spec, state.push_app_context, chunked)
         else:
             task = _thread_task(app, snap if state.push_app_context else None, fn, args, kwargs)
         future: FutureProxy[T] = FutureProxy(_callback_context(app, snap))
@@ -315,7 +314,7 @@ class Executor(concurrent.futures.Executor):
         self.futures.add(future_key, future)
         return future
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],
@@ -326,7 +325,7 @@ class Executor(concurrent.futures.Executor):
         order, each item run with its own copy of the context.
 
         With a process or Dask backend, ``chunksize`` items travel together
-        in one payload (and share one context).
+        in one payload; each still runs in its own context.
         """
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -338,7 +337,7 @@ class Executor(concurrent.futures.Executor):
         futures: list[FutureProxy[Any]]
         if chunksize > 1 and self._backend(state).pickles:
             chunks = _chunks(items, chunksize)
-            futures = [self._submit(app, state, _run_chunk, (fn, chunk), {}) for chunk in chunks]
+            futures = [self._submit(app, state, fn, (chunk,), {}, chunked=True) for chunk in chunks]
             return _flatten(_results(futures, end))
         futures = [self._submit(app, state, fn, item, {}) for item in items]
         return _results(futures, end)
@@ -350,7 +349,7 @@ class Executor(concurrent.futures.Executor):
         """
         return ExecutorJob(executor=self, fn=fn)
 
-    def add_default_done_callback(self, fn: Callable[[FutureProxy[Any]], object]) -> None:
+    def add_default_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
         """Add a callback to every future this executor returns from now on;
         it runs inside the submitting app's context."""
         self._default_done_callbacks.append(fn)
@@ -413,10 +412,6 @@ def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[
         yield chunk
 
 
-def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    return [fn(*item) for item in chunk]
-
-
 def _flatten(chunks: Iterator[list[T]]) -> Iterator[T]:
     for chunk in chunks:
         yield from chunk
@@ -457,7 +452,7 @@ class ExecutorJob(Generic[P, T]):
     def __init__(self, executor: Executor, fn: Callable[P, T]) -> None:
         self.executor = executor
         self.fn = fn
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
         return self.fn(*args, **kwargs)

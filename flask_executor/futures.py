@@ -90,7 +90,7 @@ class FutureProxy(Future[T], Generic[T]):
                 waiter.add_cancelled(self)
             self._condition.notify_all()
         stop()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
     def __await__(self) -> Generator[Any, None, T]:

@@ -23,8 +23,7 @@ import logging
 import threading
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlencode
@@ -32,6 +31,7 @@ from urllib.parse import urlencode
 from flask import Flask, g, has_app_context, has_request_context, request, session
 from flask.ctx import RequestContext
 from flask.sessions import NullSession
+from flask.wrappers import Request as FlaskRequest
 from werkzeug.datastructures import MultiDict
 from werkzeug.routing import Rule
 from werkzeug.test import encode_multipart
@@ -94,6 +94,9 @@ class RequestSnapshot:
     omitted_attrs: dict[str, str] = field(default_factory=dict)
     session: dict[str, Any] | None = None
     null_session: bool = False
+    #: Thread mode only: a copy of the view's request object (its own environ,
+    #: body stream and deep-copied custom attributes), pushed as is.
+    live: FlaskRequest | None = None
 
 
 @dataclass
@@ -157,35 +160,40 @@ def _identity(value: Any) -> Any:
     return value
 
 
-@contextmanager
-def restore(app: Flask, snap: Snapshot | None) -> Iterator[None]:
-    """Push real Flask contexts for ``app`` rebuilt from ``snap``.
+class restore:
+    """Push real Flask contexts for ``app`` rebuilt from ``snap`` (a context
+    manager; a class rather than a generator, as it runs once per task).
 
     With a request snapshot a request context is pushed (it brings its own app
     context, so ``teardown_request`` and ``teardown_appcontext`` run when the
     task ends); without one, an app context.
     """
-    ctx: Any
-    req = snap.request if snap is not None else None
-    if req is None:
-        ctx = app.app_context()
-    else:
-        ctx = _request_restore(app, req)
-    ctx.push()
-    error: BaseException | None = None
-    try:
-        if snap is not None:
-            _g_restore(snap)
-            if req is not None:
-                _request_attrs_restore(req)
-                if not req.null_session:
-                    _session_apply(req)
-        yield
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        ctx.pop(error)
+
+    __slots__ = ("app", "snap", "ctx")
+
+    def __init__(self, app: Flask, snap: Snapshot | None) -> None:
+        self.app = app
+        self.snap = snap
+
+    def __enter__(self) -> None:
+        snap = self.snap
+        req = snap.request if snap is not None else None
+        ctx: Any = self.app.app_context() if req is None else _request_restore(self.app, req)
+        ctx.push()
+        self.ctx = ctx
+        try:
+            if snap is not None:
+                _g_restore(snap)
+                if req is not None and req.live is None:
+                    _request_attrs_restore(req)
+                    if not req.null_session:
+                        _session_apply(req)
+        except BaseException as exc:
+            ctx.pop(exc)
+            raise
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.ctx.pop(exc)
 
 
 # -- g -------------------------------------------------------------------------
@@ -200,7 +208,8 @@ def _g_restore(snap: Snapshot) -> None:
     for name, value in snap.g.items():
         setattr(target, name, value)
     if snap.omitted_g:
-        target.__class__ = _omitting_class(type(target), snap.omitted_g)
+        # g's own __setattr__ would store "__class__" as an attribute.
+        object.__setattr__(target, "__class__", _omitting_class(type(target), snap.omitted_g))
 
 
 _omitting_classes: dict[tuple[type, frozenset[tuple[str, str]]], type] = {}
@@ -216,6 +225,7 @@ def _omitting_class(base: type, omitted: dict[str, str]) -> type:
         if cls is not None:
             return cls
         reasons = dict(omitted)
+        parent = getattr(base, "__getattr__", None)
 
         def __getattr__(self: Any, name: str) -> Any:
             reason = reasons.get(name)
@@ -225,7 +235,9 @@ def _omitting_class(base: type, omitted: dict[str, str]) -> type:
                     " not be pickled or copied. Create it inside the task, e.g."
                     f" `if {name!r} not in g: g.{name} = ...`."
                 )
-            return base.__getattr__(self, name)
+            if parent is not None:
+                return parent(self, name)
+            raise AttributeError(name)
 
         cls = type(base.__name__, (base,), {"__getattr__": __getattr__})
         _omitting_classes[key] = cls
@@ -256,7 +268,7 @@ def _custom_attrs(req: Request) -> dict[str, Any]:
 
 
 def _request_reduce(max_body: int, copier: Any, for_thread: bool) -> RequestSnapshot:
-    req: Request = request._get_current_object()  # type: ignore[attr-defined]
+    req: FlaskRequest = request._get_current_object()  # type: ignore[attr-defined]
     if for_thread:
         environ = dict(req.environ)
     else:
@@ -267,11 +279,11 @@ def _request_reduce(max_body: int, copier: Any, for_thread: bool) -> RequestSnap
             or (type(value) is tuple and all(type(v) in _PLAIN_ENVIRON for v in value))
         }
     environ.pop("werkzeug.request", None)
-    environ.pop("wsgi.input", None)
-    body, missing = _body_reduce(req, environ, max_body)
+    body, missing = _body_reduce(req, environ, max_body, reencode=not for_thread)
+    environ["wsgi.input"] = _MissingBody(missing) if body is None else io.BytesIO(body)
     attrs, omitted_attrs = _filter(_custom_attrs(req), copier)
     session_data, null_session = _session_reduce(copier)
-    return RequestSnapshot(
+    snap = RequestSnapshot(
         environ=environ,
         body=body,
         body_missing=missing,
@@ -280,15 +292,45 @@ def _request_reduce(max_body: int, copier: Any, for_thread: bool) -> RequestSnap
         session=session_data,
         null_session=null_session,
     )
+    if for_thread:
+        snap.live = _live_request_reduce(req, environ, attrs, omitted_attrs)
+    else:
+        del environ["wsgi.input"]
+    return snap
+
+
+def _live_request_reduce(
+    req: FlaskRequest, environ: dict[str, Any], attrs: dict[str, Any], omitted: dict[str, str]
+) -> FlaskRequest:
+    """A shallow copy of the view's request with its own environ, body stream,
+    uploaded files and custom attributes: cheaper than a new request (parsed
+    args, form and JSON are reused), and nothing the task does reaches the view."""
+    live = copy.copy(req)
+    state = vars(live)
+    state["environ"] = environ
+    if "form" not in state:  # parsed forms keep the (consumed) stream they came from
+        state.pop("stream", None)  # re-read from the copied body
+    for name in omitted:
+        state.pop(name, None)
+    state.update(attrs)
+    files = state.get("files")
+    if files:
+        state["files"] = type(files)(
+            (key, copy_filestorage(storage)) for key, storage in files.items(multi=True)
+        )
+    return live
 
 
 def _request_restore(app: Flask, snap: RequestSnapshot) -> RequestContext:
+    session_obj = _session_restore(app, snap)
+    if snap.live is not None:
+        return RequestContext(app, snap.live.environ, request=snap.live, session=session_obj)
     environ = dict(snap.environ)
     if snap.body is None:
         environ["wsgi.input"] = _MissingBody(snap.body_missing or "the body was not captured")
     else:
         environ["wsgi.input"] = io.BytesIO(snap.body)
-    return RequestContext(app, environ, session=_session_restore(app, snap))
+    return RequestContext(app, environ, session=session_obj)
 
 
 def _session_apply(snap: RequestSnapshot) -> None:
@@ -307,7 +349,7 @@ def _request_attrs_restore(snap: RequestSnapshot) -> None:
 
 
 def _body_reduce(
-    req: Request, environ: dict[str, Any], max_body: int
+    req: Request, environ: dict[str, Any], max_body: int, reencode: bool
 ) -> tuple[bytes | None, str | None]:
     """The request body to carry, or ``None`` and the reason it is not."""
     length = req.content_length
@@ -323,7 +365,8 @@ def _body_reduce(
     data = req.get_data(cache=True)
     if length is not None and len(data) < length:
         if form_parsed and req.mimetype in _FORM_TYPES:
-            return _form_body_reduce(req, environ), None
+            # Thread copies keep the parsed form; processes get it re-encoded.
+            return (_form_body_reduce(req, environ) if reencode else b""), None
         return None, (
             "the request body was consumed by the view (request.stream was read) before"
             " submit(), so it could not be copied into the task; read it with"
@@ -359,9 +402,9 @@ class _MissingBody(io.RawIOBase):
     it raises :exc:`BodyNotCapturedError` instead of returning a silent
     empty body."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str | None) -> None:
         super().__init__()
-        self.reason = reason
+        self.reason = reason or "the request body was not captured"
 
     def readable(self) -> bool:
         return True

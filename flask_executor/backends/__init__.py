@@ -43,6 +43,8 @@ class PickledTask:
     app_spec: bytes
     #: Run the call inside a rebuilt Flask context.
     push_context: bool
+    #: ``args`` is ``(items,)``: call ``fn(*item)`` for each, each in its own context.
+    chunked: bool = False
 
 
 class Backend(ABC):
@@ -50,6 +52,9 @@ class Backend(ABC):
 
     #: ``True``: tasks arrive as :class:`PickledTask`; ``False``: as closures.
     pickles: bool = False
+    #: Workers do not run the web process's ``__main__``: pickle its
+    #: functions and classes by value.
+    by_value_main: bool = True
 
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
@@ -84,13 +89,9 @@ def create_backend(kind: str, options: BackendOptions) -> Backend:
         from .thread import ThreadBackend
 
         return ThreadBackend(options)
-    if kind == "process":
-        from .process import ProcessBackend
+    from .process import ProcessBackend
 
-        return ProcessBackend(options)
-    from .dask import DaskBackend
-
-    return DaskBackend(options)
+    return ProcessBackend(options)
 
 
 def complete(future: FutureProxy[Any], call: Callable[[], Any]) -> None:

@@ -9,15 +9,18 @@ break the worker or the pool.
 from __future__ import annotations
 
 import contextvars
+import copy
 import os
 import pickle
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from flask import Flask
+
 from ..errors import SerializationError
 from ..serialize import dumps, loads, type_name
-from ..snapshot import AppSpec, restore, restore_app
+from ..snapshot import AppSpec, Snapshot, restore, restore_app
 
 __all__ = ["Outcome", "RemoteTraceback", "rebuild_outcome", "run_call", "worker_main"]
 
@@ -53,7 +56,9 @@ def _error(exc: BaseException, wrap: str | None = None) -> Outcome:
     return ("error", data, type_name(exc), str(exc), text)
 
 
-def run_call(payload: bytes, spec: AppSpec | None, push_context: bool) -> Outcome:
+def run_call(
+    payload: bytes, spec: AppSpec | None, push_context: bool, chunked: bool = False
+) -> Outcome:
     """Run one pickled call; never raises (but for BaseExceptions that must
     end the worker: KeyboardInterrupt)."""
     try:
@@ -61,22 +66,33 @@ def run_call(payload: bytes, spec: AppSpec | None, push_context: bool) -> Outcom
     except Exception as exc:
         return _error(exc, "the task's arguments could not be unpickled in the worker")
     try:
-        if push_context and spec is not None:
-            app = restore_app(spec)
-            with restore(app, snap):
-                result = app.ensure_sync(fn)(*args, **kwargs)
+        app = restore_app(spec) if push_context and spec is not None else None
+        if chunked:
+            result = [
+                _call(app, copy.deepcopy(snap) if index else snap, fn, item, kwargs)
+                for index, item in enumerate(args[0])
+            ]
         else:
-            result = fn(*args, **kwargs)
+            result = _call(app, snap, fn, args, kwargs)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
         return _error(exc)
     try:
-        return ("ok", dumps(result))
+        return ("ok", dumps(result, by_value_main=False))
     except Exception as exc:
         return _error(
             exc, f"the task's return value ({type_name(result)}) could not be pickled"
         )
+
+
+def _call(
+    app: Flask | None, snap: Snapshot | None, fn: Any, args: Any, kwargs: dict[str, Any]
+) -> Any:
+    if app is None:
+        return fn(*args, **kwargs)
+    with restore(app, snap):
+        return app.ensure_sync(fn)(*args, **kwargs)
 
 
 def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
@@ -139,12 +155,12 @@ def _serve(conn: Connection, parent_pid: int) -> None:
             except Exception as exc:
                 spec, spec_error = None, exc
             continue
-        _, task_id, payload, app_version, push_context = message
+        _, task_id, payload, app_version, push_context, chunked = message
         if push_context and (spec_error is not None or app_version != spec_version):
             outcome = _error(
                 spec_error or RuntimeError("the worker has no app for this task"),
                 "the Flask app could not be rebuilt in the worker",
             )
         else:
-            outcome = run_call(payload, spec, push_context)
+            outcome = run_call(payload, spec, push_context, chunked)
         conn.send_bytes(pickle.dumps((task_id, outcome), pickle.HIGHEST_PROTOCOL))

@@ -33,12 +33,13 @@ import itertools
 import multiprocessing
 import os
 import pickle
+import selectors
 import signal
 import socket
 import threading
 import time
 from collections import deque
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 from ..errors import TaskTimeoutError, TerminatedWorkerError
@@ -85,11 +86,12 @@ class ProcessBackend(Backend):
     """Runs pickled tasks in ``max_workers`` processes (default: CPU count)."""
 
     pickles = True
+    by_value_main = False  # workers import __main__ as __mp_main__, as the stdlib's do
 
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         method = options.start_method or default_start_method()
-        self._context = multiprocessing.get_context(method)
+        self._context: Any = multiprocessing.get_context(method)
         self._max_workers = options.max_workers or os.cpu_count() or 1
         self._lock = threading.Lock()
         self._pending: deque[_WorkItem] = deque()
@@ -99,6 +101,8 @@ class ProcessBackend(Backend):
         self._thread: threading.Thread | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_writer.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._workers: list[_Worker] = []
         self._retired: list[Any] = []
 
@@ -208,7 +212,18 @@ class ProcessBackend(Backend):
         child_conn.close()
         worker = _Worker(process, parent_conn)
         self._workers.append(worker)
+        self._selector.register(parent_conn, selectors.EVENT_READ, (False, worker))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, (True, worker))
         return worker
+
+    def _forget(self, worker: _Worker) -> None:
+        """Remove ``worker`` from the pool (its process is ended or ending)."""
+        self._workers.remove(worker)
+        for fileobj in (worker.conn, worker.process.sentinel):
+            try:
+                self._selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
 
     def _send(self, worker: _Worker, item: _WorkItem) -> None:
         task = item.task
@@ -220,7 +235,14 @@ class ProcessBackend(Backend):
                 worker.app_version = task.app_version
             worker.conn.send_bytes(
                 pickle.dumps(
-                    ("call", item.task_id, task.payload, task.app_version, task.push_context),
+                    (
+                        "call",
+                        item.task_id,
+                        task.payload,
+                        task.app_version,
+                        task.push_context,
+                        task.chunked,
+                    ),
                     pickle.HIGHEST_PROTOCOL,
                 )
             )
@@ -241,17 +263,19 @@ class ProcessBackend(Backend):
         if self._retired:
             timeout = min(timeout, 0.5) if timeout is not None else 0.5
             self._retired = [p for p in self._retired if p.exitcode is None]
-        by_conn = {worker.conn: worker for worker in self._workers}
-        by_sentinel = {worker.process.sentinel: worker for worker in self._workers}
-        ready = wait([self._wake_reader, *by_conn, *by_sentinel], timeout)
-        for obj in ready:
-            if obj is self._wake_reader:
+        events = self._selector.select(timeout)
+        lost = []
+        for key, _ in events:
+            if key.data is None:
                 self._wake_reader.recv(4096)
-            elif obj in by_conn:
-                self._receive(by_conn[obj])
-        for obj in ready:
-            worker = by_sentinel.get(obj)  # type: ignore[call-overload]
-            if worker is not None and worker in self._workers:
+                continue
+            is_sentinel, worker = key.data
+            if is_sentinel:
+                lost.append(worker)
+            elif worker in self._workers:
+                self._receive(worker)
+        for worker in lost:
+            if worker in self._workers:
                 self._worker_lost(worker)
 
     def _receive(self, worker: _Worker) -> None:
@@ -277,7 +301,7 @@ class ProcessBackend(Backend):
             self._retire(worker)
 
     def _retire(self, worker: _Worker) -> None:
-        self._workers.remove(worker)
+        self._forget(worker)
         try:
             worker.conn.send_bytes(pickle.dumps(("stop",)))
         except OSError:
@@ -296,7 +320,7 @@ class ProcessBackend(Backend):
             pass
         if worker not in self._workers:
             return
-        self._workers.remove(worker)
+        self._forget(worker)
         worker.process.join(1.0)
         if worker.process.exitcode is None:
             worker.process.kill()
@@ -307,7 +331,7 @@ class ProcessBackend(Backend):
             settle(item.future, exception=TerminatedWorkerError(_death_message(worker.process)))
 
     def _kill(self, worker: _Worker) -> None:
-        self._workers.remove(worker)
+        self._forget(worker)
         worker.process.kill()
         worker.process.join(_STOP_GRACE)
         worker.conn.close()
@@ -350,6 +374,7 @@ class ProcessBackend(Backend):
             worker.conn.close()
         self._workers.clear()
         self._retired.clear()
+        self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
 

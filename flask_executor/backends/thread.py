@@ -1,5 +1,10 @@
-"""Thread backend: a :class:`~concurrent.futures.ThreadPoolExecutor` running
-closures that rebuild the task's Flask context in the worker thread.
+"""Thread backend: worker threads running closures that rebuild the task's
+Flask context in the worker thread.
+
+It is a lean pool in the manner of :class:`~concurrent.futures.ThreadPoolExecutor`
+(one queue, threads started on demand up to ``max_workers``), except that it
+completes the executor's :class:`~flask_executor.futures.FutureProxy` directly
+instead of a second, inner future.
 
 Timeouts: a thread cannot be killed, so at ``EXECUTOR_TASK_TIMEOUT`` the
 future fails with :exc:`~flask_executor.TaskTimeoutError` while the thread
@@ -10,10 +15,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..errors import TaskTimeoutError
@@ -22,39 +28,74 @@ from . import Backend, BackendOptions, complete, settle
 
 __all__ = ["ThreadBackend"]
 
+_Item = tuple[FutureProxy[Any], Callable[[], Any]]
+
 
 class ThreadBackend(Backend):
-    """Runs closures in a thread pool of ``max_workers`` threads."""
+    """Runs closures in up to ``max_workers`` threads (default, as the
+    standard library: ``min(32, cpu_count + 4)``)."""
 
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
-        self._pool = ThreadPoolExecutor(
-            max_workers=options.max_workers, thread_name_prefix="flask-executor"
-        )
+        self._max_workers = options.max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._shutdown = False
         self._deadlines = _Deadlines() if options.task_timeout else None
 
     def submit(self, future: FutureProxy[Any], task: Callable[[], Any]) -> None:
-        inner = self._pool.submit(self._run, future, task)
-        # shutdown(cancel_futures=True) cancels the pool's own futures.
-        inner.add_done_callback(lambda inner: _cancel_if_cancelled(inner, future))
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.put((future, task))
+            if not self._idle.acquire(timeout=0) and len(self._threads) < self._max_workers:
+                thread = threading.Thread(
+                    target=self._work,
+                    name=f"flask-executor-{len(self._threads)}",
+                    daemon=True,
+                )
+                thread.start()
+                self._threads.append(thread)
 
-    def _run(self, future: FutureProxy[Any], task: Callable[[], Any]) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
+    def _work(self) -> None:
         timeout = self.options.task_timeout
-        if self._deadlines is not None and timeout:
-            self._deadlines.add(time.monotonic() + timeout, future, timeout)
-        complete(future, task)
+        deadlines = self._deadlines
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.put(None)  # wake the next thread
+                return
+            future, task = item
+            del item
+            if future.set_running_or_notify_cancel():
+                if deadlines is not None and timeout:
+                    deadlines.add(time.monotonic() + timeout, future, timeout)
+                complete(future, task)
+            del future, task
+            self._idle.release()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        with self._lock:
+            if not self._shutdown:
+                self._shutdown = True
+                if cancel_futures:
+                    while True:
+                        try:
+                            item = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if item is not None:
+                            item[0].cancel()
+                self._queue.put(None)
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
         if self._deadlines is not None:
             self._deadlines.stop()
-
-
-def _cancel_if_cancelled(inner: Future[Any], future: FutureProxy[Any]) -> None:
-    if inner.cancelled():
-        future.cancel()
 
 
 class _Deadlines:
@@ -84,19 +125,20 @@ class _Deadlines:
 
     def _loop(self) -> None:
         with self._wakeup:
-            while not self._stopped or self._heap:
+            while True:
                 now = time.monotonic()
                 while self._heap and (self._heap[0][0] <= now or self._heap[0][2].done()):
                     _, _, future, timeout = heapq.heappop(self._heap)
-                    if not future.done():
-                        settle(
-                            future,
-                            exception=TaskTimeoutError(
-                                f"task ran past EXECUTOR_TASK_TIMEOUT ({timeout:g} s); the"
-                                " thread cannot be stopped and finishes in the background"
-                            ),
-                        )
-                if self._stopped and not self._heap:
-                    break
-                wait = self._heap[0][0] - now if self._heap else None
-                self._wakeup.wait(wait)
+                    settle(
+                        future,
+                        exception=TaskTimeoutError(
+                            f"task ran past EXECUTOR_TASK_TIMEOUT ({timeout:g} s); the"
+                            " thread cannot be stopped and finishes in the background"
+                        ),
+                    )
+                if self._stopped:
+                    self._heap = [entry for entry in self._heap if not entry[2].done()]
+                    heapq.heapify(self._heap)
+                    if not self._heap:
+                        return
+                self._wakeup.wait(self._heap[0][0] - now if self._heap else None)
