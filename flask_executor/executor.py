@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import importlib.util
 import re
 import threading
 import time
@@ -34,7 +35,7 @@ __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-EXECUTOR_TYPES = ("thread", "process")
+EXECUTOR_TYPES = ("thread", "process", "dask")
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_MAX_BODY = 1024 * 1024
 
@@ -145,6 +146,7 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_SNAPSHOT_MAX_BODY": DEFAULT_MAX_BODY,
             "EXECUTOR_APP_FACTORY": None,
             "EXECUTOR_DASK_ADDRESS": None,
+            "EXECUTOR_DASK_SECURITY": None,
         }
         value = {key: config.setdefault(self._key(key), dflt) for key, dflt in defaults.items()}
 
@@ -163,12 +165,20 @@ class Executor(concurrent.futures.Executor):
         exclude = value["EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE"] or ()
         if isinstance(exclude, str):
             exclude = [part for part in re.split(r"[\s,]+", exclude) if part]
+        # TLS key material never travels to workers.
+        exclude = [*exclude, self._key("EXECUTOR_DASK_SECURITY")]
+        if kind == "dask" and importlib.util.find_spec("distributed") is None:
+            raise ImportError(
+                f"{self._key('EXECUTOR_TYPE')} = 'dask' needs Dask's distributed package:"
+                " install the extra with `pip install 'flask-executor[dask]'`"
+            )
         options = BackendOptions(
             max_workers=self._int(value, "EXECUTOR_MAX_WORKERS"),
             task_timeout=self._float(value, "EXECUTOR_TASK_TIMEOUT"),
             start_method=start_method,
             max_tasks_per_child=self._int(value, "EXECUTOR_MAX_TASKS_PER_CHILD"),
             dask_address=value["EXECUTOR_DASK_ADDRESS"],
+            dask_security=value["EXECUTOR_DASK_SECURITY"],
         )
         state = _AppState(
             kind=kind,
@@ -274,6 +284,21 @@ class Executor(concurrent.futures.Executor):
         chunked: bool = False,
     ) -> FutureProxy[T]:
         backend = self._backend(state)
+        future, task = self._prepare(app, state, backend, fn, args, kwargs, chunked)
+        backend.submit(future, task)
+        return future
+
+    def _prepare(
+        self,
+        app: Flask,
+        state: _AppState,
+        backend: Backend,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        chunked: bool = False,
+    ) -> tuple[FutureProxy[T], Any]:
+        """Capture the context and package the call for ``backend``."""
         snap: Snapshot | None = None
         if state.push_app_context:
             snap = capture(max_body=state.max_body, for_thread=not backend.pickles)
@@ -297,8 +322,7 @@ class Executor(concurrent.futures.Executor):
             future.add_done_callback(propagate_exceptions_callback)
         for callback in self._default_done_callbacks:
             future.add_done_callback(callback)
-        backend.submit(future, task)
-        return future
+        return future, task
 
     def submit_stored(
         self, future_key: Hashable, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
@@ -333,14 +357,17 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("chunksize must be >= 1")
         end = time.monotonic() + timeout if timeout is not None else None
         app, state = self._app_and_state()
+        backend = self._backend(state)
         items = zip(*iterables, strict=False)
-        futures: list[FutureProxy[Any]]
-        if chunksize > 1 and self._backend(state).pickles:
-            chunks = _chunks(items, chunksize)
-            futures = [self._submit(app, state, fn, (chunk,), {}, chunked=True) for chunk in chunks]
-            return _flatten(_results(futures, end))
-        futures = [self._submit(app, state, fn, item, {}) for item in items]
-        return _results(futures, end)
+        chunked = chunksize > 1 and backend.pickles
+        calls = _chunks(items, chunksize) if chunked else items
+        pairs = [
+            self._prepare(app, state, backend, fn, (call,) if chunked else tuple(call), {}, chunked)
+            for call in calls
+        ]
+        backend.submit_many(pairs)
+        futures = [future for future, _ in pairs]
+        return _flatten(_results(futures, end)) if chunked else _results(futures, end)
 
     def job(self, fn: Callable[P, T]) -> ExecutorJob[P, T]:
         """Decorate ``fn`` so it can be submitted as ``fn.submit(...)``.

@@ -16,7 +16,7 @@ from flask_executor import Executor
 #: The backends the contract tests (``make_executor``, ``executor``) run against. Append
 #: "process-fork", "process-forkserver", "process-spawn" (or "dask") to run them there too;
 #: ``backend_config`` maps each name to configuration.
-BACKENDS = ["thread", "process-fork", "process-forkserver", "process-spawn"]
+BACKENDS = ["thread", "process-fork", "process-forkserver", "process-spawn", "dask"]
 
 
 def backend_config(backend: str) -> dict[str, Any]:
@@ -99,10 +99,12 @@ def shutdown_after() -> Iterator[Callable[[Executor], Executor]]:
         executor.shutdown(wait=True)
 
 
-def _executor_factory(backend: str, register: Callable[[Executor], Executor]) -> MakeExecutor:
+def _executor_factory(
+    backend: str, register: Callable[[Executor], Executor], extra: dict[str, Any] | None = None
+) -> MakeExecutor:
     def make(app: Flask, name: str = "", **config: Any) -> Executor:
         prefix = f"{name.upper()}_" if name else ""
-        for key, value in {**backend_config(backend), **config}.items():
+        for key, value in {**backend_config(backend), **(extra or {}), **config}.items():
             app.config[prefix + key] = value
         return register(Executor(app, name=name))
 
@@ -115,9 +117,28 @@ def executor_type(request: pytest.FixtureRequest) -> str:
     return backend
 
 
+@pytest.fixture(scope="session")
+def dask_scheduler_address() -> Iterator[str]:
+    """One real Dask cluster (two single-threaded worker processes on loopback) per test
+    process, shared like a database server would be; each test makes its own executor
+    (client) and shuts it down. The embedded-cluster path has tests of its own."""
+    import distributed
+
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        host="127.0.0.1",
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
 @pytest.fixture
 def make_executor(
-    executor_type: str, shutdown_after: Callable[[Executor], Executor]
+    executor_type: str,
+    shutdown_after: Callable[[Executor], Executor],
+    request: pytest.FixtureRequest,
 ) -> MakeExecutor:
     """``make_executor(app, name="", **config)``: an Executor on the backend under test.
 
@@ -125,7 +146,10 @@ def make_executor(
     named executor both they and the backend keys get the ``NAME_`` prefix. Every executor
     made here is shut down when the test ends.
     """
-    return _executor_factory(executor_type, shutdown_after)
+    extra = {}
+    if executor_type == "dask":
+        extra["EXECUTOR_DASK_ADDRESS"] = request.getfixturevalue("dask_scheduler_address")
+    return _executor_factory(executor_type, shutdown_after, extra)
 
 
 @pytest.fixture

@@ -366,7 +366,8 @@ def test_submit_stored_and_future_collection(
     assert len(executor.futures) == 1
 
     wait_for_path(started)
-    assert executor.futures.running("job") is True
+    # On a cluster, running() turns true when the worker's start event arrives.
+    wait_until(lambda: executor.futures.running("job") is True)
     assert executor.futures.done("job") is False
     assert executor.futures._state("job") == "RUNNING"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import atexit
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import InvalidStateError
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,7 @@ class BackendOptions:
     start_method: str | None = None
     max_tasks_per_child: int | None = None
     dask_address: str | None = None
+    dask_security: Any = None
 
 
 @dataclass
@@ -67,6 +68,11 @@ class Backend(ABC):
         :raises RuntimeError: the backend was shut down.
         """
 
+    def submit_many(self, items: Sequence[tuple[FutureProxy[Any], Any]]) -> None:
+        """Submit several tasks; backends with a batch call override this."""
+        for future, task in items:
+            self.submit(future, task)
+
     @abstractmethod
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; see :meth:`concurrent.futures.Executor.shutdown`."""
@@ -89,9 +95,13 @@ def create_backend(kind: str, options: BackendOptions) -> Backend:
         from .thread import ThreadBackend
 
         return ThreadBackend(options)
-    from .process import ProcessBackend
+    if kind == "process":
+        from .process import ProcessBackend
 
-    return ProcessBackend(options)
+        return ProcessBackend(options)
+    from .dask import DaskBackend
+
+    return DaskBackend(options)
 
 
 def complete(future: FutureProxy[Any], call: Callable[[], Any]) -> None:
