@@ -577,26 +577,43 @@ def _app_reduce(
     )
 
 
-#: The apps this worker process has built, and the config version applied.
-_worker_apps: dict[str, tuple[Flask, str]] = {}
+@dataclass
+class _WorkerApp:
+    app: Flask
+    #: The config the app had before any snapshot was applied to it.
+    base_config: dict[str, Any]
+    version: str = ""
+
+
+#: The apps this worker process has built.
+_worker_apps: dict[str, _WorkerApp] = {}
 
 
 def restore_app(spec: AppSpec) -> Flask:
-    """The worker's app for ``spec``, built once per process and updated
-    with ``spec.config`` whenever its version changes."""
+    """The worker's app for ``spec``, built once per process.
+
+    Whenever the config version changes, the app's config is reset to what it
+    was when built (the factory's config; Flask's defaults for a stand-in or a
+    forked copy of the live app) and the snapshot's config applied on top, so
+    keys removed or excluded in the web process are gone here too.
+    """
     key = f"factory:{spec.factory}" if spec.factory else f"app:{spec.token}"
     entry = _worker_apps.get(key)
     if entry is None:
         if spec.factory:
             app = _factory_restore(spec.factory)
+            base = dict(app.config)
         else:
             app = _live_apps.get(spec.token) or _standin_restore(spec)
-        entry = (app, "")
-    app, applied = entry
-    if applied != spec.version:
-        app.config.update(spec.config)
-        _worker_apps[key] = (app, spec.version)
-    return app
+            base = dict(app.default_config)
+        entry = _worker_apps[key] = _WorkerApp(app, base)
+    if entry.version != spec.version:
+        config = entry.app.config
+        config.clear()
+        config.update(entry.base_config)
+        config.update(spec.config)
+        entry.version = spec.version
+    return entry.app
 
 
 def _factory_restore(factory: str) -> Flask:
