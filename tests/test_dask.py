@@ -1,0 +1,184 @@
+"""Dask-specific behaviour; the shared contract tests run on Dask through conftest."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import distributed
+import pytest
+from flask import Flask, current_app, g, request
+from support import TIMEOUT, create_app, wait_until
+
+from flask_executor import Executor
+
+Register = Callable[[Executor], Executor]
+
+
+def append_line(path: str, text: str) -> int:
+    """A side effect: two submits of this must write two lines."""
+    with open(path, "a") as handle:
+        handle.write(text + "\n")
+    return os.getpid()
+
+
+def context_report() -> dict[str, Any]:
+    return {
+        "user": g.user,
+        "arg": request.args["u"],
+        "config": current_app.config["REPORT_TITLE"],
+        "pid": os.getpid(),
+    }
+
+
+class Broken(Exception):
+    pass
+
+
+def fail(message: str) -> None:
+    raise Broken(message)
+
+
+@pytest.fixture
+def dask_app() -> Flask:
+    app = create_app()
+    app.config["REPORT_TITLE"] = "yearly"
+    return app
+
+
+def dask_executor(app: Flask, register: Register, address: str | None, **config: Any) -> Executor:
+    app.config.update(EXECUTOR_TYPE="dask", EXECUTOR_APP_FACTORY="support:create_app", **config)
+    if address is not None:
+        app.config["EXECUTOR_DASK_ADDRESS"] = address
+    return register(Executor(app))
+
+
+def test_tasks_are_impure(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str, tmp_path: Path
+) -> None:
+    """Two identical submits of a side-effecting task run twice (Dask's own
+    ClientExecutor merges them with pure=True)."""
+    executor = dask_executor(dask_app, shutdown_after, dask_scheduler_address)
+    log = str(tmp_path / "sent.log")
+    with dask_app.app_context():
+        first = executor.submit(append_line, log, "mail to bob")
+        second = executor.submit(append_line, log, "mail to bob")
+        first.result(timeout=TIMEOUT)
+        second.result(timeout=TIMEOUT)
+    assert Path(log).read_text().splitlines() == ["mail to bob", "mail to bob"]
+
+
+def test_context_reaches_cluster_workers(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
+) -> None:
+    executor = dask_executor(dask_app, shutdown_after, dask_scheduler_address)
+    with dask_app.test_request_context("/?u=carol"):
+        g.user = "carol"
+        report = executor.submit(context_report).result(timeout=TIMEOUT)
+    assert report["user"] == "carol"
+    assert report["arg"] == "carol"
+    assert report["config"] == "yearly"
+    assert report["pid"] != os.getpid()
+
+
+def test_exception_keeps_type_message_and_worker_traceback(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
+) -> None:
+    executor = dask_executor(dask_app, shutdown_after, dask_scheduler_address)
+    with dask_app.app_context():
+        future = executor.submit(fail, "no route to printer")
+        with pytest.raises(Broken, match="no route to printer") as info:
+            future.result(timeout=TIMEOUT)
+    assert "in fail" in str(info.value.__cause__)
+
+
+def test_map_sends_items_in_one_batch_and_keeps_order(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
+) -> None:
+    executor = dask_executor(dask_app, shutdown_after, dask_scheduler_address)
+    with dask_app.app_context():
+        results = list(executor.map(pow, range(200), [2] * 200, timeout=60))
+    assert results == [i**2 for i in range(200)]
+
+
+def test_embedded_cluster_starts_on_first_submit_and_closes_on_shutdown(
+    dask_app: Flask,
+) -> None:
+    executor = Executor()
+    dask_app.config.update(EXECUTOR_TYPE="dask", EXECUTOR_MAX_WORKERS=1)
+    executor.init_app(dask_app)
+    try:
+        with dask_app.test_request_context("/?u=dave"):
+            g.user = "dave"
+            assert executor.submit(context_report).result(timeout=60)["user"] == "dave"
+        backend: Any = executor._states[dask_app].backend
+        cluster = backend._cluster
+        assert cluster is not None
+        assert len(cluster.workers) == 1
+    finally:
+        executor.shutdown()
+    assert cluster.status.name == "closed"
+
+
+def test_shutdown_never_closes_a_cluster_it_did_not_start(
+    dask_app: Flask, dask_scheduler_address: str
+) -> None:
+    executor = Executor()
+    dask_app.config.update(EXECUTOR_TYPE="dask", EXECUTOR_DASK_ADDRESS=dask_scheduler_address)
+    executor.init_app(dask_app)
+    with dask_app.app_context():
+        assert executor.submit(pow, 2, 5).result(timeout=TIMEOUT) == 32
+    executor.shutdown()
+    with distributed.Client(dask_scheduler_address, set_as_default=False) as client:
+        assert client.submit(pow, 3, 2, pure=False).result(timeout=TIMEOUT) == 9
+        assert len(client.scheduler_info()["workers"]) == 2
+
+
+def test_cancel_pending_task(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str, tmp_path: Path
+) -> None:
+    executor = dask_executor(dask_app, shutdown_after, dask_scheduler_address)
+    log = str(tmp_path / "cancelled.log")
+    with dask_app.app_context():
+        future = executor.submit(append_line, log, "should not run")
+        cancelled = future.cancel()
+    if cancelled:  # the worker may have started it already: then it is running
+        assert future.cancelled()
+        wait_until(lambda: not executor._states[dask_app].backend._running)  # type: ignore[union-attr]
+    else:
+        assert future.result(timeout=TIMEOUT)
+    with dask_app.app_context():
+        assert executor.submit(pow, 2, 3).result(timeout=TIMEOUT) == 8
+
+
+def test_missing_extra_names_it(
+    dask_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "distributed" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    dask_app.config["EXECUTOR_TYPE"] = "dask"
+    with pytest.raises(ImportError, match=r"flask-executor\[dask\]"):
+        Executor(dask_app)
+
+
+def test_security_config_never_travels_to_workers(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
+) -> None:
+    executor = dask_executor(
+        dask_app, shutdown_after, dask_scheduler_address, EXECUTOR_DASK_SECURITY=None
+    )
+    dask_app.config["EXECUTOR_DASK_SECURITY"] = "pretend-key-material"
+    with dask_app.app_context():
+        seen = executor.submit(config_value, "EXECUTOR_DASK_SECURITY").result(timeout=TIMEOUT)
+    assert seen != "pretend-key-material"
+
+
+def config_value(key: str) -> Any:
+    return current_app.config.get(key)
