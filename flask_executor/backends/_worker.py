@@ -97,10 +97,12 @@ def _call(
 
 def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
     """In the web process: ``(True, result)`` or ``(False, exception)``."""
+    # BaseException: a result whose unpickling calls sys.exit() must fail its
+    # own task, not the dispatcher thread that unpickles it.
     if outcome[0] == "ok":
         try:
             return True, loads(outcome[1])
-        except Exception as exc:
+        except BaseException as exc:
             error = SerializationError(
                 "the task's return value could not be unpickled in the web process:"
                 f" {type_name(exc)}: {exc}"
@@ -114,7 +116,7 @@ def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
     else:
         try:
             exception = loads(data)
-        except Exception as exc:
+        except BaseException as exc:
             exception = SerializationError(
                 f"the task raised {exc_type}: {message}; that exception could not be"
                 f" rebuilt in the web process ({type_name(exc)}: {exc})"
@@ -134,6 +136,9 @@ def worker_main(conn: Connection, parent_pid: int) -> None:
 
 
 def _serve(conn: Connection, parent_pid: int) -> None:
+    # Task time limits count from here, not from the process start (spawn
+    # workers take a while to import).
+    conn.send_bytes(pickle.dumps(("ready",)))
     spec: AppSpec | None = None
     spec_version = ""
     spec_error: Exception | None = None
@@ -163,4 +168,4 @@ def _serve(conn: Connection, parent_pid: int) -> None:
             )
         else:
             outcome = run_call(payload, spec, push_context, chunked)
-        conn.send_bytes(pickle.dumps((task_id, outcome), pickle.HIGHEST_PROTOCOL))
+        conn.send_bytes(pickle.dumps(("done", task_id, outcome), pickle.HIGHEST_PROTOCOL))

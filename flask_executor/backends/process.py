@@ -30,6 +30,7 @@ Workers are started lazily, on demand, from the dispatcher thread.
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing
 import os
 import pickle
@@ -39,6 +40,7 @@ import socket
 import threading
 import time
 from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -48,6 +50,8 @@ from . import Backend, BackendOptions, PickledTask, settle
 from ._worker import rebuild_outcome, worker_main
 
 __all__ = ["ProcessBackend", "default_start_method"]
+
+logger = logging.getLogger("flask_executor")
 
 #: How long a stopping worker may take before it is killed, in seconds.
 _STOP_GRACE = 5.0
@@ -72,7 +76,7 @@ class _WorkItem:
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "item", "tasks_done", "app_version")
+    __slots__ = ("process", "conn", "item", "tasks_done", "app_version", "ready")
 
     def __init__(self, process: Any, conn: Connection) -> None:
         self.process = process
@@ -80,6 +84,8 @@ class _Worker:
         self.item: _WorkItem | None = None
         self.tasks_done = 0
         self.app_version = ""
+        #: The worker said it is up; task time limits start counting then.
+        self.ready = False
 
 
 class ProcessBackend(Backend):
@@ -98,6 +104,7 @@ class ProcessBackend(Backend):
         self._stop_requests: deque[_WorkItem] = deque()
         self._ids = itertools.count()
         self._shutdown = False
+        self._broken = ""
         self._thread: threading.Thread | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_writer.setblocking(False)
@@ -110,6 +117,8 @@ class ProcessBackend(Backend):
 
     def submit(self, future: FutureProxy[Any], task: PickledTask) -> None:
         with self._lock:
+            if self._broken:
+                raise BrokenProcessPool(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             item = _WorkItem(future, task, next(self._ids))
@@ -156,8 +165,22 @@ class ProcessBackend(Backend):
                 self._wait_and_handle()
                 self._enforce_deadlines()
                 self._handle_stop_requests()
+        except BaseException as exc:
+            # A bug, or a done callback raising SystemExit: never leave callers
+            # waiting on futures nobody will complete.
+            self._break(exc)
+            logger.error("flask-executor's process dispatcher failed", exc_info=exc)
         finally:
             self._stop_workers()
+
+    def _break(self, exc: BaseException) -> None:
+        with self._lock:
+            self._shutdown = True
+            self._broken = f"the process pool's dispatcher failed: {type(exc).__name__}: {exc}"
+            items = [*self._pending, *(w.item for w in self._workers if w.item)]
+            self._pending.clear()
+        for item in items:
+            settle(item.future, exception=BrokenProcessPool(self._broken))
 
     def _finished(self) -> bool:
         with self._lock:
@@ -254,6 +277,10 @@ class ProcessBackend(Backend):
             self._worker_lost(worker)
             return
         worker.item = item
+        if worker.ready:
+            self._start_clock(item)
+
+    def _start_clock(self, item: _WorkItem) -> None:
         timeout = self.options.task_timeout
         item.deadline = time.monotonic() + timeout if timeout else None
 
@@ -281,10 +308,18 @@ class ProcessBackend(Backend):
     def _receive(self, worker: _Worker) -> None:
         try:
             while worker.conn.poll():
-                task_id, outcome = pickle.loads(worker.conn.recv_bytes())
-                self._complete(worker, task_id, outcome)
+                self._handle(worker, pickle.loads(worker.conn.recv_bytes()))
         except (EOFError, OSError):
             self._worker_lost(worker)
+
+    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        if message[0] == "ready":
+            worker.ready = True
+            if worker.item is not None:
+                self._start_clock(worker.item)
+        else:
+            _, task_id, outcome = message
+            self._complete(worker, task_id, outcome)
 
     def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
         item = worker.item
@@ -314,8 +349,7 @@ class ProcessBackend(Backend):
             return
         try:  # a result sent just before dying still counts
             while worker.item is not None and worker.conn.poll():
-                task_id, outcome = pickle.loads(worker.conn.recv_bytes())
-                self._complete(worker, task_id, outcome)
+                self._handle(worker, pickle.loads(worker.conn.recv_bytes()))
         except (EOFError, OSError, pickle.UnpicklingError):
             pass
         if worker not in self._workers:
