@@ -12,6 +12,7 @@ import concurrent.futures
 import functools
 import importlib.util
 import re
+import sys
 import threading
 import time
 import weakref
@@ -125,8 +126,9 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_PROPAGATE_EXCEPTIONS``, ``EXECUTOR_PUSH_APP_CONTEXT``,
         ``EXECUTOR_START_METHOD``, ``EXECUTOR_MAX_TASKS_PER_CHILD``,
         ``EXECUTOR_TASK_TIMEOUT``, ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``,
-        ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY`` and
-        ``EXECUTOR_DASK_ADDRESS`` (see :doc:`/config`). May be called for
+        ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY``,
+        ``EXECUTOR_DASK_ADDRESS`` and ``EXECUTOR_DASK_SECURITY`` (see
+        :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
         starts here: pools start on the first submit.
 
@@ -186,7 +188,8 @@ class Executor(concurrent.futures.Executor):
             push_app_context=str2bool(value["EXECUTOR_PUSH_APP_CONTEXT"]),
             propagate_exceptions=str2bool(value["EXECUTOR_PROPAGATE_EXCEPTIONS"]),
             config_exclude=tuple(exclude),
-            max_body=self._int(value, "EXECUTOR_SNAPSHOT_MAX_BODY") or 0,
+            # None: no limit.
+            max_body=self._int(value, "EXECUTOR_SNAPSHOT_MAX_BODY") or sys.maxsize,
             app_factory=value["EXECUTOR_APP_FACTORY"],
         )
         max_length = self._int(value, "EXECUTOR_FUTURES_MAX_LENGTH")

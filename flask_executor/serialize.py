@@ -41,9 +41,11 @@ def type_name(obj: object) -> str:
 
 def _filestorage_reduce(storage: FileStorage) -> tuple[Callable[..., FileStorage], tuple[Any, ...]]:
     stream = storage.stream
-    position = stream.tell() if stream.seekable() else None
-    if position is not None:
+    try:  # not seekable() : SpooledTemporaryFile has no such method before 3.11
+        position: int | None = stream.tell()
         stream.seek(0)
+    except (AttributeError, OSError, ValueError):
+        position = None
     data = stream.read()
     if position is not None:
         stream.seek(position)

@@ -279,6 +279,9 @@ def _request_reduce(max_body: int, copier: Any, for_thread: bool) -> RequestSnap
             or (type(value) is tuple and all(type(v) in _PLAIN_ENVIRON for v in value))
         }
     environ.pop("werkzeug.request", None)
+    # The thread copy is taken before the body is read (and cached on the
+    # view's request), so it never inherits a partial read of it.
+    live = copy.copy(req) if for_thread else None
     body, missing = _body_reduce(req, environ, max_body, reencode=not for_thread)
     environ["wsgi.input"] = _MissingBody(missing) if body is None else io.BytesIO(body)
     attrs, omitted_attrs = _filter(_custom_attrs(req), copier)
@@ -292,20 +295,20 @@ def _request_reduce(max_body: int, copier: Any, for_thread: bool) -> RequestSnap
         session=session_data,
         null_session=null_session,
     )
-    if for_thread:
-        snap.live = _live_request_reduce(req, environ, attrs, omitted_attrs)
+    if live is not None:
+        snap.live = _live_request_reduce(live, environ, attrs, omitted_attrs)
     else:
         del environ["wsgi.input"]
     return snap
 
 
 def _live_request_reduce(
-    req: FlaskRequest, environ: dict[str, Any], attrs: dict[str, Any], omitted: dict[str, str]
+    live: FlaskRequest, environ: dict[str, Any], attrs: dict[str, Any], omitted: dict[str, str]
 ) -> FlaskRequest:
-    """A shallow copy of the view's request with its own environ, body stream,
-    uploaded files and custom attributes: cheaper than a new request (parsed
-    args, form and JSON are reused), and nothing the task does reaches the view."""
-    live = copy.copy(req)
+    """Complete ``live``, a shallow copy of the view's request, with its own
+    environ, body stream, uploaded files and custom attributes: cheaper than a
+    new request (parsed args, form and JSON are reused), and nothing the task
+    does reaches the view."""
     state = vars(live)
     state["environ"] = environ
     if "form" not in state:  # parsed forms keep the (consumed) stream they came from

@@ -32,7 +32,7 @@ from flask.testing import FlaskClient
 from flask.typing import ResponseReturnValue
 from support import TIMEOUT, Gates, touch, wait_for_path, wait_until
 
-from flask_executor import Executor, GAttributeNotCopiedError
+from flask_executor import BodyNotCapturedError, Executor, GAttributeNotCopiedError
 
 MakeExecutor = Callable[..., Executor]
 
@@ -573,3 +573,27 @@ def test_uncopyable_g_attribute_outside_request(app: Flask, make_executor: MakeE
     assert seen["present"] is False
     assert seen["user"] == "alice"
     assert seen["error"] == "GAttributeNotCopiedError"
+
+
+def read_body_or_error() -> str:
+    try:
+        return request.get_data().decode()
+    except BodyNotCapturedError as exc:
+        return f"error: {exc}"
+
+
+def test_partly_consumed_body_raises_instead_of_arriving_truncated(
+    app: Flask, make_executor: MakeExecutor
+) -> None:
+    executor = make_executor(app)
+    with app.test_request_context("/", method="POST", data=b"0123456789"):
+        assert request.stream.read(3) == b"012"
+        seen = executor.submit(read_body_or_error).result(timeout=TIMEOUT)
+    assert seen.startswith("error: ") and "consumed" in seen
+
+
+def test_no_body_limit_when_max_body_is_none(app: Flask, make_executor: MakeExecutor) -> None:
+    executor = make_executor(app, EXECUTOR_SNAPSHOT_MAX_BODY=None)
+    with app.test_request_context("/", method="POST", data=b"x" * 5000):
+        seen = executor.submit(read_body_or_error).result(timeout=TIMEOUT)
+    assert seen == "x" * 5000

@@ -94,7 +94,11 @@ class DaskBackend(Backend):
         self._spec: tuple[str, Any] | None = None
         self._running: dict[str, FutureProxy[Any]] = {}
         self._outstanding: dict[str, Any] = {}
-        self._deadlines = _Deadlines() if options.task_timeout else None
+        self._deadlines = (
+            _Deadlines("Dask cannot interrupt it, so it may still finish on its worker")
+            if options.task_timeout
+            else None
+        )
 
     def _connect(self) -> Any:
         with self._lock:
@@ -114,7 +118,7 @@ class DaskBackend(Backend):
                         n_workers=options.max_workers or None,
                         threads_per_worker=1,
                         processes=True,
-                        dashboard_address=":0",
+                        dashboard_address="127.0.0.1:0",
                         host="127.0.0.1",
                         security=options.dask_security,
                     )
@@ -129,12 +133,14 @@ class DaskBackend(Backend):
             return self._client
 
     def _spec_future(self, client: Any, task: PickledTask) -> Any:
-        """The app spec, scattered once per version: tasks carry a reference."""
+        """The app spec, scattered to every worker once per version (tasks carry
+        a reference), and again if the workers holding it were lost."""
         with self._lock:
-            if self._spec is None or self._spec[0] != task.app_version:
-                scattered = client.scatter(task.app_spec, hash=False)
-                self._spec = (task.app_version, scattered)
-            return self._spec[1]
+            spec = self._spec
+            if spec is None or spec[0] != task.app_version or spec[1].status != "finished":
+                scattered = client.scatter(task.app_spec, hash=False, broadcast=True)
+                spec = self._spec = (task.app_version, scattered)
+            return spec[1]
 
     def submit(self, future: FutureProxy[Any], task: PickledTask) -> None:
         self.submit_many([(future, task)])

@@ -43,7 +43,11 @@ class ThreadBackend(Backend):
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._shutdown = False
-        self._deadlines = _Deadlines() if options.task_timeout else None
+        self._deadlines = (
+            _Deadlines("the thread cannot be stopped and finishes in the background")
+            if options.task_timeout
+            else None
+        )
 
     def submit(self, future: FutureProxy[Any], task: Callable[[], Any]) -> None:
         with self._lock:
@@ -99,9 +103,13 @@ class ThreadBackend(Backend):
 
 
 class _Deadlines:
-    """One daemon thread that fails futures still running at their deadline."""
+    """One daemon thread that fails futures still running at their deadline.
 
-    def __init__(self) -> None:
+    :param consequence: what happens to the task itself, for the error message.
+    """
+
+    def __init__(self, consequence: str) -> None:
+        self._consequence = consequence
         self._heap: list[tuple[float, int, FutureProxy[Any], float]] = []
         self._counter = itertools.count()
         self._wakeup = threading.Condition()
@@ -132,8 +140,8 @@ class _Deadlines:
                     settle(
                         future,
                         exception=TaskTimeoutError(
-                            f"task ran past EXECUTOR_TASK_TIMEOUT ({timeout:g} s); the"
-                            " thread cannot be stopped and finishes in the background"
+                            f"task ran past EXECUTOR_TASK_TIMEOUT ({timeout:g} s);"
+                            f" {self._consequence}"
                         ),
                     )
                 if self._stopped:
