@@ -1,0 +1,37 @@
+"""Task functions for ``bench.py``.
+
+They live in their own importable module (not in ``bench.py``, which is
+``__main__``) so that both the raw :mod:`concurrent.futures` pools and
+flask-executor pickle them *by reference*: the same bytes travel either way,
+and the measured difference is the cost of carrying the Flask context.
+"""
+
+from __future__ import annotations
+
+from flask import current_app, g, request
+
+__all__ = ["ctx_fib", "ctx_task", "fib", "raw_task"]
+
+RAW_RESULT = 42
+
+
+def raw_task() -> int:
+    """The baseline: no Flask context needed, returns a constant."""
+    return RAW_RESULT
+
+
+def ctx_task() -> tuple[str, str, str]:
+    """Reads the app config, the request and ``g``: fails without a context."""
+    return current_app.config["BENCH_KEY"], request.args["a"], g.user
+
+
+def fib(n: int) -> int:
+    """Plain recursive Fibonacci: CPU-bound work that holds the GIL."""
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+def ctx_fib(n: int) -> int:
+    """:func:`fib` after touching ``g`` and ``request`` (a context is required)."""
+    if not g.user or "a" not in request.args:
+        raise RuntimeError("the task did not get its request context")
+    return fib(n)

@@ -1,0 +1,590 @@
+"""Benchmarks: flask-executor against the raw concurrent.futures pools.
+
+Run from the project root::
+
+    python benchmarks/bench.py [--quick] [--only thread,process,config,cpu,cold]
+                               [--json out.json] [--compare-1.0 PYTHON]
+
+Every figure with a target is a *ratio* against the raw pool of the same kind
+measured in the same run, the variants interleaved in short rounds (see
+``_timing.py``) so that machine noise cancels out. See ``README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import functools
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import Any, NamedTuple
+
+from _external import cold_start, compare_v1
+from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, raw_task
+from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
+
+SECTIONS = ("thread", "process", "config", "cpu", "cold")
+TITLES = {
+    "thread": "1. thread pool: full context vs raw ThreadPoolExecutor",
+    "process": "2. process pool: full context vs raw ProcessPoolExecutor",
+    "config": "3. per-task cost vs config size (process)",
+    "cpu": "4. CPU-bound scaling (process)",
+    "cold": "5. cold start (process)",
+    "compare": "6. Flask-Executor 1.0, each version against its own raw pool",
+}
+CTX_RESULT = ("bench-value", "1", "alice")
+#: A section running longer than this is taken for a hang: every thread's
+#: stack is dumped to stderr and the benchmark exits.
+WATCHDOG_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work each section does; the defaults are the full run."""
+
+    quick: bool = False
+    legacy: bool = False  # running under Flask-Executor 1.0 (the --compare-1.0 subprocess)
+    # Many short rounds: the shorter a round, the more alike the load that
+    # neighbouring variants see.
+    rounds: int = 60  # interleaved rounds of sections 1-3
+    thread_n: int = 100  # round trips per round
+    batch_n: int = 2000  # tasks per batch
+    batch_rounds: int = 9
+    process_n: int = 80
+    config_n: int = 80
+    fib_n: int = 27
+    fib_tasks: int = 64
+    cpu_rounds: int = 3
+    cold_runs: int = 3
+
+    @classmethod
+    def make(cls, quick: bool, legacy: bool = False) -> Plan:
+        plan = cls(legacy=legacy)
+        if not quick:
+            return plan
+        return replace(
+            plan, quick=True, rounds=15, thread_n=60, batch_n=500, batch_rounds=3,
+            process_n=40, config_n=40, fib_n=24, fib_tasks=16, cpu_rounds=1, cold_runs=2,
+        )  # fmt: skip
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def make_app(import_name: str, **config: Any) -> Any:
+    """An app with one route, ``/``: tasks are submitted from requests to it.
+    (A request that matched no route would make every rebuilt request context
+    raise and catch a 404 while matching its URL, which a real view never
+    does.)"""
+    from flask import Flask
+
+    app = Flask(import_name)
+    app.config.update(BENCH_KEY="bench-value", **config)
+    app.add_url_rule("/", "index", _index)
+    return app
+
+
+def _index() -> str:
+    return "ok"
+
+
+def in_request(app: Any, fn: Callable[[], Any]) -> Any:
+    """Call ``fn`` inside a request to ``/?a=1`` with ``g.user`` set."""
+    from flask import g
+
+    with app.test_request_context("/?a=1"):
+        g.user = "alice"
+        return fn()
+
+
+def sequential(submit: Callable[[], Future[Any]], app: Any = None) -> Runner:
+    """A runner of round trips; inside a request to ``app`` when given (one
+    request per round, not timed)."""
+    if app is None:
+        return lambda n: round_trips(submit, n)
+    return lambda n: in_request(app, lambda: round_trips(submit, n))
+
+
+def batched(submit: Callable[[], Future[Any]], app: Any = None) -> Runner:
+    """A runner of one batch (submit ``n``, then wait), like :func:`sequential`."""
+    if app is None:
+        return lambda n: batch(submit, n)
+    return lambda n: in_request(app, lambda: batch(submit, n))
+
+
+def check(value: Any, expected: Any, what: str) -> None:
+    if isinstance(expected, tuple):
+        value = tuple(value)
+    if value != expected:
+        raise AssertionError(f"{what} returned {value!r}, expected {expected!r}")
+
+
+def warm(submit: Callable[[], Future[Any]], concurrent: int = 4, sequential: int = 30) -> None:
+    """Start every worker (a few tasks at once), then a few round trips."""
+    for future in [submit() for _ in range(concurrent)]:
+        future.result(RESULT_TIMEOUT)
+    round_trips(submit, sequential)
+
+
+def ours_default_start_method() -> str:
+    """The start method flask-executor uses when none is configured."""
+    try:
+        from flask_executor.backends.process import default_start_method
+    except ImportError:  # the layout changed: DESIGN.md says "not fork"
+        methods = multiprocessing.get_all_start_methods()
+        return "forkserver" if "forkserver" in methods else "spawn"
+    return default_start_method()
+
+
+def raw_process_pool(method: str) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context(method))
+
+
+# -- 1. thread -------------------------------------------------------------------------
+
+
+def section_thread(plan: Plan) -> dict[str, Any]:
+    from flask_executor import Executor
+
+    app = make_app("bench_thread", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2)
+    executor = Executor(app)
+    raw = ThreadPoolExecutor(max_workers=2)
+    try:
+        result = in_request(app, lambda: executor.submit(ctx_task).result(RESULT_TIMEOUT))
+        check(result, CTX_RESULT, "ctx_task (thread)")
+        trips = [
+            ("raw", sequential(lambda: raw.submit(raw_task))),
+            ("ours", sequential(lambda: executor.submit(ctx_task), app)),
+        ]
+        batches = [
+            ("raw", batched(lambda: raw.submit(raw_task))),
+            ("ours", batched(lambda: executor.submit(ctx_task), app)),
+        ]
+        for _, runner in trips + batches:
+            runner(200)  # warm-up, not measured
+        who = "Flask-Executor 1.0" if plan.legacy else "ours"
+        labels = {
+            "raw": "raw ThreadPoolExecutor(2), raw_task",
+            "ours": f"{who} thread(2), ctx_task in request",
+        }
+        print(f"  sequential round trips (submit + result): {plan.rounds} rounds x {plan.thread_n}")
+        seq = ratio_block(interleave(trips, plan.rounds, plan.thread_n), "raw", labels)
+        print(
+            f"\n  batch: submit {plan.batch_n}, then wait for all; per task, {plan.batch_rounds}"
+            " rounds"
+        )
+        bat = ratio_block(interleave(batches, plan.batch_rounds, plan.batch_n), "raw", labels)
+    finally:
+        executor.shutdown(wait=True)
+        raw.shutdown(wait=True)
+    return {
+        "sequential": seq,
+        "batch": bat,
+        "ratio": seq["ours"]["ratio"],
+        "batch_ratio": bat["ours"]["ratio"],
+        "n": plan.thread_n,
+        "batch_n": plan.batch_n,
+    }
+
+
+# -- 2. process ------------------------------------------------------------------------
+
+
+def section_process(plan: Plan) -> dict[str, Any]:
+    from flask_executor import Executor
+
+    if plan.legacy:
+        # 1.0 uses the platform's default start method and gives process
+        # tasks no context, so its task is raw_task too.
+        method = multiprocessing.get_start_method()
+        app = make_app("bench_process", EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
+    else:
+        method = ours_default_start_method()
+        app = make_app(
+            "bench_process",
+            EXECUTOR_TYPE="process",
+            EXECUTOR_MAX_WORKERS=2,
+            PLAIN_EXECUTOR_TYPE="process",
+            PLAIN_EXECUTOR_MAX_WORKERS=2,
+            PLAIN_EXECUTOR_PUSH_APP_CONTEXT=False,
+        )
+    print(f"  start method: {method}, for the raw pool and ours alike")
+    executors = [Executor(app)]
+    raw = raw_process_pool(method)
+    try:
+        ours = executors[0]
+        labels = {"raw": "raw ProcessPoolExecutor(2), raw_task"}
+        if plan.legacy:
+            warm(lambda: ours.submit(raw_task))
+            runners = [("ours", sequential(lambda: ours.submit(raw_task)))]
+            labels["ours"] = "Flask-Executor 1.0 process(2), raw_task (no context)"
+        else:
+            plain = Executor(app, name="plain")
+            executors.append(plain)
+            in_request(app, lambda: warm(lambda: ours.submit(ctx_task)))
+            warm(lambda: plain.submit(raw_task))
+            result = in_request(app, lambda: ours.submit(ctx_task).result(RESULT_TIMEOUT))
+            check(result, CTX_RESULT, "ctx_task (process)")
+            check(plain.submit(raw_task).result(RESULT_TIMEOUT), RAW_RESULT, "raw_task (plain)")
+            runners = [
+                ("ours", sequential(lambda: ours.submit(ctx_task), app)),
+                ("plain", sequential(lambda: plain.submit(raw_task))),
+            ]
+            labels["ours"] = "ours process(2), ctx_task in request"
+            labels["plain"] = "ours process(2), raw_task, PUSH_APP_CONTEXT=False"
+        warm(lambda: raw.submit(raw_task))
+        runners.insert(0, ("raw", sequential(lambda: raw.submit(raw_task))))
+        print(f"  sequential round trips, warm pools: {plan.rounds} rounds x {plan.process_n}")
+        seq = ratio_block(interleave(runners, plan.rounds, plan.process_n), "raw", labels)
+    finally:
+        for executor in executors:
+            executor.shutdown(wait=True)
+        raw.shutdown(wait=True)
+    return {
+        "start_method": method,
+        "sequential": seq,
+        "ratio": seq["ours"]["ratio"],
+        "n": plan.process_n,
+    }
+
+
+# -- 3. config size --------------------------------------------------------------------
+
+
+def section_config(plan: Plan) -> dict[str, Any]:
+    from flask_executor import Executor
+
+    def config_app(name: str, keys: int) -> Any:
+        extra = {f"K{i}": "v" * 20 for i in range(keys - 1)}  # + BENCH_KEY
+        return make_app(name, EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2, **extra)
+
+    apps = {
+        "small": config_app("bench_config_small", 10),
+        "big": config_app("bench_config_big", 1000),
+    }
+    executors = {name: Executor(app) for name, app in apps.items()}
+    try:
+        runners = []
+        for name, app in apps.items():
+            submit = functools.partial(executors[name].submit, ctx_task)
+            in_request(app, functools.partial(warm, submit))
+            runners.append((name, sequential(submit, app)))
+        labels = {
+            "small": f"ours process(2), 10 keys of ours, {len(apps['small'].config)} in all",
+            "big": f"ours process(2), 1000 keys of ours, {len(apps['big'].config)} in all",
+        }
+        print(f"  sequential round trips of ctx_task: {plan.rounds} rounds x {plan.config_n}")
+        seq = ratio_block(interleave(runners, plan.rounds, plan.config_n), "small", labels)
+    finally:
+        for executor in executors.values():
+            executor.shutdown(wait=True)
+    return {
+        "sequential": seq,
+        "ratio": seq["big"]["ratio"],
+        "config_keys": {name: len(app.config) for name, app in apps.items()},
+        "n": plan.config_n,
+    }
+
+
+# -- 4. CPU-bound scaling --------------------------------------------------------------
+
+
+def section_cpu(plan: Plan) -> dict[str, Any]:
+    from flask_executor import Executor
+
+    n, tasks = plan.fib_n, plan.fib_tasks
+    expected = [fib(n)] * tasks
+    method = ours_default_start_method()
+    app = make_app("bench_cpu", EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
+    executor = Executor(app)
+    raw = raw_process_pool(method)
+
+    def timed(run: Callable[[], list[Any]]) -> Runner:
+        def runner(_: int) -> list[float]:
+            start = time.perf_counter()
+            results = run()
+            elapsed = time.perf_counter() - start
+            check(results, expected, f"fib({n}) x {tasks}")
+            return [elapsed]
+
+        return runner
+
+    def all_results(futures: list[Future[int]]) -> list[int]:
+        return [future.result(RESULT_TIMEOUT) for future in futures]
+
+    try:
+        in_request(app, lambda: warm(lambda: executor.submit(ctx_fib, 2), 4, 5))
+        warm(lambda: raw.submit(fib, 2), 4, 5)
+        runners = [
+            ("serial", timed(lambda: in_request(app, lambda: [ctx_fib(n) for _ in range(tasks)]))),
+            ("raw", timed(lambda: all_results([raw.submit(fib, n) for _ in range(tasks)]))),
+            (
+                "ours",
+                timed(
+                    lambda: all_results(
+                        in_request(app, lambda: [executor.submit(ctx_fib, n) for _ in range(tasks)])
+                    )
+                ),
+            ),
+        ]
+        labels = {
+            "serial": f"serial in the main process, ctx_fib({n}) x {tasks}",
+            "raw": f"raw ProcessPoolExecutor(2) [{method}], fib",
+            "ours": f"ours process(2) [{method}], ctx_fib in request",
+        }
+        print(
+            f"  fib({n}) x {tasks} tasks, 2 workers, {os.cpu_count()} CPUs, {plan.cpu_rounds}"
+            " rounds; time for all tasks"
+        )
+        times = ratio_block(interleave(runners, plan.cpu_rounds, 1), "serial", labels, unit="s")
+    finally:
+        executor.shutdown(wait=True)
+        raw.shutdown(wait=True)
+    speedup, raw_speedup = 1 / times["ours"]["ratio"], 1 / times["raw"]["ratio"]
+    ideal = min(2, os.cpu_count() or 1)
+    print(
+        f"  speedup over serial: ours {speedup:.2f}x, raw pool {raw_speedup:.2f}x (ideal {ideal}x)"
+    )
+    return {
+        "times": times,
+        "speedup": speedup,
+        "raw_speedup": raw_speedup,
+        "ours_vs_raw": times["ours"]["median"] / times["raw"]["median"],
+        "fib_n": n,
+        "tasks": tasks,
+        "cpus": os.cpu_count(),
+    }
+
+
+def section_cold(plan: Plan) -> dict[str, Any]:
+    return cold_start(plan.cold_runs, ours_default_start_method())
+
+
+# -- summary ---------------------------------------------------------------------------
+
+
+class Target(NamedTuple):
+    label: str
+    limit: float
+    aim: float
+    key: str  # the section's figure
+    paired_at: tuple[str, str] | None  # (block, variant) of its round-by-round ratio
+
+
+TARGETS = {
+    "thread": Target("thread sequential round trip, ours/raw", 2.5, 2.0, "ratio",
+                     ("sequential", "ours")),
+    "process": Target("process sequential round trip, ours/raw", 1.25, 1.1, "ratio",
+                      ("sequential", "ours")),
+    "config": Target("process round trip, 1000 keys / 10 keys", 1.1, 1.0, "ratio",
+                     ("sequential", "big")),
+    # a speedup: at least 80 % (aim: 90 %) of the ideal for 2 workers on this machine
+    "cpu": Target("CPU-bound speedup over serial, 2 workers", 0.8, 0.9, "speedup", None),
+}  # fmt: skip
+INFO = (
+    ("thread", "batch_ratio", "thread batch of {batch_n}, ours/raw"),
+    ("cpu", "ours_vs_raw", "CPU-bound total time, ours/raw pool"),
+    ("cold", "ratio", "cold start to first result, ours/raw"),
+)
+#: Flag a headline ratio as noisy when the round-by-round median or the ratio
+#: of the fast quarters differs from it by more than this.
+NOISY = 0.15
+
+
+def summary_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per target: measured, target, PASS/MISS; then INFO lines."""
+    lines: list[dict[str, Any]] = []
+    for section, (label, limit, aim, key, paired_at) in TARGETS.items():
+        data = results.get(section)
+        if data is None:
+            continue
+        if "error" in data:
+            lines.append(
+                {
+                    "target": label,
+                    "status": "ERROR",
+                    "measured": None,
+                    "text": "ERROR, see the section's traceback",
+                }
+            )
+            continue
+        value = data[key]
+        higher = section == "cpu"
+        if higher:
+            ideal = min(2, data["cpus"] or 1)
+            limit, aim = limit * ideal, aim * ideal
+        ok = value >= limit if higher else value <= limit
+        aimed = value >= aim if higher else value <= aim
+        status = "PASS" if ok else "MISS"
+        text = (
+            f"{value:.2f}x  target {'>=' if higher else '<='} {limit:.2f}x"
+            f" (aim {aim:.2f}x)  {status}{', aim not met' if ok and not aimed else ''}"
+        )
+        paired = fast = None
+        if paired_at is not None:
+            figure = data[paired_at[0]][paired_at[1]]
+            paired, fast = figure["paired_median"], figure["q1_ratio"]
+            noisy = max(abs(paired / value - 1), abs(fast / value - 1)) > NOISY
+            text += (
+                f"  [round by round {paired:.2f}x, fast quarter {fast:.2f}x"
+                f"{', NOISY' if noisy else ''}]"
+            )
+        lines.append(
+            {
+                "target": label,
+                "measured": value,
+                "limit": limit,
+                "aim": aim,
+                "paired": paired,
+                "fast_quarter": fast,
+                "status": status,
+                "text": text,
+            }
+        )
+    for section, key, label in INFO:
+        data = results.get(section)
+        if data and "error" not in data:
+            lines.append(
+                {
+                    "target": label.format(**data),
+                    "measured": data[key],
+                    "status": "INFO",
+                    "text": f"{data[key]:.2f}x  (no target)",
+                }
+            )
+    return lines
+
+
+# -- driver ----------------------------------------------------------------------------
+
+
+def meta(plan: Plan) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import flask_executor
+
+    def dist(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "?"
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "flask_version": dist("flask"),
+        "flask_executor_version": getattr(flask_executor, "__version__", None)
+        or dist("flask-executor"),
+        "flask_executor_file": flask_executor.__file__,
+        "default_start_method": multiprocessing.get_start_method(),
+        "plan": asdict(plan),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def leftovers() -> list[str]:
+    """Processes or non-daemon threads still alive after every section shut
+    its pools down: a sign of a shutdown bug."""
+    time.sleep(0.2)
+    alive = [f"process {p.name} pid {p.pid}" for p in multiprocessing.active_children()]
+    alive += [
+        f"thread {t.name}"
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and t.is_alive()
+    ]
+    if alive:
+        print("\nWARNING: still alive after shutdown: " + "; ".join(alive))
+    return alive
+
+
+def run_section(name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one section under a watchdog; an error is reported, not fatal."""
+    print(f"\n== {TITLES[name]} ==")
+    start = time.perf_counter()
+    faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True)
+    try:
+        result = run()
+    except Exception:
+        text = traceback.format_exc()
+        print(f"  ERROR in section {name}:\n{text}")
+        result = {"error": text}
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    result["seconds"] = time.perf_counter() - start
+    print(f"  ({result['seconds']:.1f} s)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs (under 30 s)")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated: {','.join(SECTIONS)}"
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    parser.add_argument(
+        "--compare-1.0",
+        dest="compare",
+        metavar="PYTHON",
+        help="also run sections 1-2 with this interpreter, which has Flask-Executor 1.0",
+    )
+    parser.add_argument("--legacy-v1", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if set(only) - set(SECTIONS):
+        parser.error(f"unknown section in --only {args.only!r}; choose from {SECTIONS}")
+    plan = Plan.make(args.quick, legacy=args.legacy_v1)
+    info = meta(plan)
+    print(
+        f"flask-executor {info['flask_executor_version']} ({info['flask_executor_file']}),"
+        f" Flask {info['flask_version']}, Python {info['python']}, {info['cpus']} CPUs,"
+        f" {info['platform']}{', --quick' if plan.quick else ''}"
+    )
+    sections: dict[str, Callable[[Plan], dict[str, Any]]] = {
+        "thread": section_thread,
+        "process": section_process,
+        "config": section_config,
+        "cpu": section_cpu,
+        "cold": section_cold,
+    }
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    for name in SECTIONS:
+        if name in only:
+            results[name] = run_section(name, functools.partial(sections[name], plan))
+    if args.compare:
+        results["compare"] = run_section(
+            "compare", lambda: compare_v1(args.compare, plan.quick, results, WATCHDOG_SECONDS)
+        )
+    alive = leftovers()
+    summary = summary_lines(results)
+    if not plan.legacy:
+        print("\n== summary ==")
+        print_table(["target", "measured"], [[s["target"], s["text"]] for s in summary], left=2)
+    total = time.perf_counter() - started
+    print(f"\ntotal {total:.1f} s")
+    if args.json:
+        report = {
+            "meta": info,
+            "sections": results,
+            "summary": summary,
+            "leftovers": alive,
+            "total_seconds": total,
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    return 1 if alive or any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
