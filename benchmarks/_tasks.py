@@ -8,9 +8,11 @@ and the measured difference is the cost of carrying the Flask context.
 
 from __future__ import annotations
 
-from flask import current_app, g, request
+from typing import Any
 
-__all__ = ["ctx_fib", "ctx_task", "fib", "raw_task"]
+from flask import Flask, current_app, g, request
+
+__all__ = ["ctx_fib", "ctx_task", "fib", "floor_task", "raw_task"]
 
 RAW_RESULT = 42
 
@@ -23,6 +25,25 @@ def raw_task() -> int:
 def ctx_task() -> tuple[str, str, str]:
     """Reads the app config, the request and ``g``: fails without a context."""
     return current_app.config["BENCH_KEY"], request.args["a"], g.user
+
+
+_floor_apps: dict[str, Flask] = {}
+
+
+def floor_task(environ: dict[str, Any], app: Flask | None = None) -> tuple[str, str, str]:
+    """The floor: what giving a task its own request context costs in Flask
+    itself, with public APIs only (``app.request_context`` on a copy of the
+    environ, then ``g``), and no executor. Run in a raw pool; in a process
+    pool the worker builds its app once."""
+    if app is None:
+        app = _floor_apps.get("app")
+        if app is None:
+            app = _floor_apps["app"] = Flask("bench_floor")
+            app.config["BENCH_KEY"] = "bench-value"
+            app.add_url_rule("/", "index", lambda: "")
+    with app.request_context(dict(environ)):
+        g.user = "alice"
+        return ctx_task()
 
 
 def fib(n: int) -> int:

@@ -28,8 +28,9 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
+import flask
 from _external import cold_start, compare_v1
-from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, raw_task
+from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
 from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
 
 SECTIONS = ("thread", "process", "config", "cpu", "cold")
@@ -161,12 +162,15 @@ def section_thread(plan: Plan) -> dict[str, Any]:
     try:
         result = in_request(app, lambda: executor.submit(ctx_task).result(RESULT_TIMEOUT))
         check(result, CTX_RESULT, "ctx_task (thread)")
+        environ = in_request(app, lambda: dict(flask.request.environ))
         trips = [
             ("raw", sequential(lambda: raw.submit(raw_task))),
+            ("floor", sequential(lambda: raw.submit(floor_task, environ, app))),
             ("ours", sequential(lambda: executor.submit(ctx_task), app)),
         ]
         batches = [
             ("raw", batched(lambda: raw.submit(raw_task))),
+            ("floor", batched(lambda: raw.submit(floor_task, environ, app))),
             ("ours", batched(lambda: executor.submit(ctx_task), app)),
         ]
         for _, runner in trips + batches:
@@ -174,6 +178,7 @@ def section_thread(plan: Plan) -> dict[str, Any]:
         who = "Flask-Executor 1.0" if plan.legacy else "ours"
         labels = {
             "raw": "raw ThreadPoolExecutor(2), raw_task",
+            "floor": "raw pool + Flask's own request context (floor)",
             "ours": f"{who} thread(2), ctx_task in request",
         }
         print(f"  sequential round trips (submit + result): {plan.rounds} rounds x {plan.thread_n}")
@@ -190,7 +195,9 @@ def section_thread(plan: Plan) -> dict[str, Any]:
         "sequential": seq,
         "batch": bat,
         "ratio": seq["ours"]["ratio"],
+        "floor_ratio": seq["floor"]["ratio"],
         "batch_ratio": bat["ours"]["ratio"],
+        "batch_floor_ratio": bat["floor"]["ratio"],
         "n": plan.thread_n,
         "batch_n": plan.batch_n,
     }
@@ -243,6 +250,12 @@ def section_process(plan: Plan) -> dict[str, Any]:
             labels["plain"] = "ours process(2), raw_task, PUSH_APP_CONTEXT=False"
         warm(lambda: raw.submit(raw_task))
         runners.insert(0, ("raw", sequential(lambda: raw.submit(raw_task))))
+        if not plan.legacy:
+            environ = in_request(app, lambda: dict(flask.request.environ))
+            environ = {k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple))}
+            warm(lambda: raw.submit(floor_task, environ))
+            runners.insert(1, ("floor", sequential(lambda: raw.submit(floor_task, environ))))
+            labels["floor"] = "raw pool + Flask's own request context (floor)"
         print(f"  sequential round trips, warm pools: {plan.rounds} rounds x {plan.process_n}")
         seq = ratio_block(interleave(runners, plan.rounds, plan.process_n), "raw", labels)
     finally:
@@ -253,6 +266,7 @@ def section_process(plan: Plan) -> dict[str, Any]:
         "start_method": method,
         "sequential": seq,
         "ratio": seq["ours"]["ratio"],
+        "floor_ratio": seq.get("floor", {}).get("ratio"),
         "n": plan.process_n,
     }
 
@@ -391,7 +405,10 @@ TARGETS = {
     "cpu": Target("CPU-bound speedup over serial, 2 workers", 0.8, 0.9, "speedup", None),
 }  # fmt: skip
 INFO = (
+    ("thread", "floor_ratio", "thread round trip, Flask's own floor/raw"),
     ("thread", "batch_ratio", "thread batch of {batch_n}, ours/raw"),
+    ("thread", "batch_floor_ratio", "thread batch of {batch_n}, Flask's floor/raw"),
+    ("process", "floor_ratio", "process round trip, Flask's own floor/raw"),
     ("cpu", "ours_vs_raw", "CPU-bound total time, ours/raw pool"),
     ("cold", "ratio", "cold start to first result, ours/raw"),
 )
@@ -452,7 +469,7 @@ def summary_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     for section, key, label in INFO:
         data = results.get(section)
-        if data and "error" not in data:
+        if data and "error" not in data and data.get(key) is not None:
             lines.append(
                 {
                     "target": label.format(**data),

@@ -125,8 +125,10 @@ class Snapshot:
 
 
 def _filter(values: dict[str, Any], copier: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    kept: dict[str, Any] = {}
     omitted: dict[str, str] = {}
+    if not values or copier is _identity:
+        return values, omitted
+    kept: dict[str, Any] = {}
     for name, value in values.items():
         try:
             kept[name] = copier(value)
@@ -281,7 +283,7 @@ def _request_reduce(max_body: int, copier: Any, for_thread: bool) -> RequestSnap
     environ.pop("werkzeug.request", None)
     # The thread copy is taken before the body is read (and cached on the
     # view's request), so it never inherits a partial read of it.
-    live = copy.copy(req) if for_thread else None
+    live = _shallow_copy(req) if for_thread else None
     body, missing = _body_reduce(req, environ, max_body, reencode=not for_thread)
     environ["wsgi.input"] = _MissingBody(missing) if body is None else io.BytesIO(body)
     attrs, omitted_attrs = _filter(_custom_attrs(req), copier)
@@ -300,6 +302,15 @@ def _request_reduce(max_body: int, copier: Any, for_thread: bool) -> RequestSnap
     else:
         del environ["wsgi.input"]
     return snap
+
+
+def _shallow_copy(req: FlaskRequest) -> FlaskRequest:
+    """``copy.copy`` for a request, without its generic machinery (this runs
+    once per thread task)."""
+    cls = type(req)
+    live = cls.__new__(cls)
+    vars(live).update(vars(req))
+    return live
 
 
 def _live_request_reduce(
