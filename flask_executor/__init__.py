@@ -11,8 +11,10 @@ from .errors import (
     TaskTimeoutError,
     TerminatedWorkerError,
 )
-from .executor import Executor, ExecutorJob
+from .executor import Executor
 from .futures import FutureCollection, FutureProxy
+from .jobs import ExecutorJob
+from .tasks import current_task
 
 __version__ = "2.0.0.dev0"
 
@@ -26,4 +28,5 @@ __all__ = [
     "SerializationError",
     "TaskTimeoutError",
     "TerminatedWorkerError",
+    "current_task",
 ]

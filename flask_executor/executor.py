@@ -20,16 +20,20 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
-from flask import Flask, current_app, has_app_context
+from flask import Blueprint, Flask, current_app, has_app_context
 from werkzeug.datastructures import FileStorage
 
 from .backends import Backend, BackendOptions, PickledTask, create_backend
 from .errors import SerializationError
 from .futures import FutureCollection, FutureProxy
-from .serialize import copy_filestorage, dumps_call, import_object
+from .jobs import ExecutorJob
+from .serialize import copy_filestorage, dumps_call
+from .signals import task_failed, task_finished, task_submitted
 from .snapshot import Snapshot, app_spec, capture, restore
+from .status import status_blueprint
+from .tasks import TaskHandle, _current_task
 
 __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
 
@@ -67,6 +71,16 @@ def propagate_exceptions_callback(future: concurrent.futures.Future[Any]) -> Non
     message = "Task failed: %s: %s"
     if log is not None:
         log.error(message, type(exc).__name__, exc, exc_info=(type(exc), exc, exc.__traceback__))
+
+
+Q = ParamSpec("Q")
+U = TypeVar("U")
+
+
+class _JobDecorator(Protocol):
+    """What ``executor.job(...)`` with options returns."""
+
+    def __call__(self, fn: Callable[Q, U], /) -> ExecutorJob[Q, U]: ...
 
 
 @dataclass
@@ -284,11 +298,33 @@ class Executor(concurrent.futures.Executor):
         fn: Callable[..., T],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        chunked: bool = False,
+        key: Hashable | None = None,
+        timeout: float | None = None,
     ) -> FutureProxy[T]:
         backend = self._backend(state)
-        future, task = self._prepare(app, state, backend, fn, args, kwargs, chunked)
+        future, task = self._prepare(
+            app, state, backend, fn, args, kwargs, key=key, timeout=timeout
+        )
         backend.submit(future, task)
+        if task_submitted.receivers:
+            task_submitted.send(app, future=future, key=key)
+        return future
+
+    def _submit_job(
+        self,
+        job: ExecutorJob[Any, T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: Hashable | None = None,
+    ) -> FutureProxy[T]:
+        if key is not None:
+            self.futures.check_available(key)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        app, state = self._app_and_state()
+        future = self._submit(app, state, job._task(), args, kwargs, key, job.timeout)
+        if key is not None:
+            self.futures.add(key, future)
         return future
 
     def _prepare(
@@ -300,6 +336,8 @@ class Executor(concurrent.futures.Executor):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         chunked: bool = False,
+        key: Hashable | None = None,
+        timeout: float | None = None,
     ) -> tuple[FutureProxy[T], Any]:
         """Capture the context and package the call for ``backend``."""
         snap: Snapshot | None = None
@@ -317,10 +355,14 @@ class Executor(concurrent.futures.Executor):
                 # task says so. Raises again, naming it, if fn or an argument fails.
                 snap = snap.picklable()
                 payload = dumps_call(fn, args, kwargs, snap, by_value_main=backend.by_value_main)
+        future: FutureProxy[T] = FutureProxy(_callback_context(app, snap), timeout)
+        if backend.pickles:
             task = PickledTask(payload, spec_version, spec, state.push_app_context, chunked)
         else:
-            task = _thread_task(app, snap if state.push_app_context else None, fn, args, kwargs)
-        future: FutureProxy[T] = FutureProxy(_callback_context(app, snap))
+            task = _thread_task(app, snap, future, fn, args, kwargs)
+        if task_finished.receivers or task_failed.receivers:
+            # The plain Future method: sending signals needs no app context.
+            Future.add_done_callback(future, functools.partial(_send_outcome, app, key))
         if state.propagate_exceptions:
             future.add_done_callback(propagate_exceptions_callback)
         for callback in self._default_done_callbacks:
@@ -337,7 +379,10 @@ class Executor(concurrent.futures.Executor):
             is submitted.
         """
         self.futures.check_available(future_key)
-        future = self.submit(fn, *args, **kwargs)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        app, state = self._app_and_state()
+        future = self._submit(app, state, fn, args, kwargs, future_key)
         self.futures.add(future_key, future)
         return future
 
@@ -369,15 +414,57 @@ class Executor(concurrent.futures.Executor):
             for call in calls
         ]
         backend.submit_many(pairs)
+        if task_submitted.receivers:
+            for future, _ in pairs:
+                task_submitted.send(app, future=future, key=None)
         futures = [future for future, _ in pairs]
         return _flatten(_results(futures, end)) if chunked else _results(futures, end)
 
-    def job(self, fn: Callable[P, T]) -> ExecutorJob[P, T]:
-        """Decorate ``fn`` so it can be submitted as ``fn.submit(...)``.
+    @overload
+    def job(self, fn: Callable[P, T]) -> ExecutorJob[P, T]: ...
+
+    @overload
+    def job(
+        self,
+        *,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        backoff: float = 0.0,
+        timeout: float | None = None,
+    ) -> _JobDecorator: ...
+
+    def job(
+        self,
+        fn: Callable[P, T] | None = None,
+        *,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        backoff: float = 0.0,
+        timeout: float | None = None,
+    ) -> ExecutorJob[P, T] | _JobDecorator:
+        """Decorate a function so it can be submitted as ``fn.submit(...)``:
+        ``@executor.job``, or with options,
+        ``@executor.job(retries=3, retry_on=(ConnectionError,), backoff=0.5, timeout=10)``
+        (see :class:`~flask_executor.jobs.ExecutorJob`).
 
         Works before :meth:`init_app` and with every backend.
         """
-        return ExecutorJob(executor=self, fn=fn)
+        options = {"retries": retries, "retry_on": retry_on, "backoff": backoff}
+
+        def decorate(function: Callable[Q, U], /) -> ExecutorJob[Q, U]:
+            return ExecutorJob(self, function, timeout=timeout, **options)  # type: ignore[arg-type]
+
+        return decorate if fn is None else decorate(fn)
+
+    def status_blueprint(self, name: str | None = None) -> Blueprint:
+        """A blueprint serving the status of :attr:`futures` as JSON:
+        ``GET /`` lists them, ``GET /<key>`` gives one (404 for an unknown
+        key). Register it with a ``url_prefix`` and guard it (see
+        :mod:`flask_executor.status`).
+
+        .. versionadded:: 2.0
+        """
+        return status_blueprint(self.futures, name or f"{self.name or 'executor'}_status")
 
     def add_default_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
         """Add a callback to every future this executor returns from now on;
@@ -402,6 +489,7 @@ class Executor(concurrent.futures.Executor):
 def _thread_task(
     app: Flask,
     snap: Snapshot | None,
+    future: FutureProxy[T],
     fn: Callable[..., T],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -410,14 +498,31 @@ def _thread_task(
     if any(isinstance(arg, FileStorage) for arg in args):
         args = tuple(copy_filestorage(a) if isinstance(a, FileStorage) else a for a in args)
 
-    if snap is None:
-        return functools.partial(fn, *args, **kwargs)
+    def publish(kind: str, data: Any) -> None:
+        if kind == "meta":
+            future._merge_meta(data)
 
     def task() -> T:
-        with restore(app, snap):
-            return app.ensure_sync(fn)(*args, **kwargs)  # type: ignore[no-any-return]
+        token = _current_task.set(TaskHandle(publish))
+        try:
+            if snap is None:
+                return fn(*args, **kwargs)
+            with restore(app, snap):
+                return app.ensure_sync(fn)(*args, **kwargs)  # type: ignore[no-any-return]
+        finally:
+            _current_task.reset(token)
 
     return task
+
+
+def _send_outcome(app: Flask, key: Hashable | None, future: Future[Any]) -> None:
+    if future.cancelled():
+        return
+    exception = future.exception()
+    if exception is None:
+        task_finished.send(app, future=future, key=key, result=future.result())
+    else:
+        task_failed.send(app, future=future, key=key, exception=exception)
 
 
 def _callback_context(
@@ -468,55 +573,3 @@ def _cancel_if_pending(future: FutureProxy[Any]) -> None:
     """Cancel ``future`` only if it has not started (map's generator closing
     must not kill running tasks)."""
     concurrent.futures.Future.cancel(future)
-
-
-class ExecutorJob(Generic[P, T]):
-    """A function decorated with :meth:`Executor.job`.
-
-    Calling the job runs the function inline (so recursive jobs work);
-    :meth:`submit`, :meth:`submit_stored` and :meth:`map` run it on the
-    executor. It keeps the function's name and docstring, and pickles by
-    reference to its module, so jobs work with process and Dask backends.
-    """
-
-    def __init__(self, executor: Executor, fn: Callable[P, T]) -> None:
-        self.executor = executor
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self.fn(*args, **kwargs)
-
-    def submit(self, *args: P.args, **kwargs: P.kwargs) -> FutureProxy[T]:
-        """Submit the job; see :meth:`Executor.submit`."""
-        return self.executor.submit(self, *args, **kwargs)
-
-    def submit_stored(
-        self, future_key: Hashable, *args: P.args, **kwargs: P.kwargs
-    ) -> FutureProxy[T]:
-        """Submit the job and store its future; see :meth:`Executor.submit_stored`."""
-        return self.executor.submit_stored(future_key, self, *args, **kwargs)
-
-    def map(
-        self, *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
-    ) -> Iterator[T]:
-        """Map the job over ``iterables``; see :meth:`Executor.map`."""
-        return self.executor.map(self, *iterables, timeout=timeout, chunksize=chunksize)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        module = getattr(self.fn, "__module__", None)
-        qualname = getattr(self.fn, "__qualname__", "")
-        if module and module != "__main__" and "<locals>" not in qualname:
-            return (import_object, (module, qualname))
-        return (_InlineJob, (self.fn,))
-
-
-class _InlineJob:
-    """A job as seen inside a worker: calling it runs the function inline."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)

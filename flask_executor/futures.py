@@ -11,6 +11,7 @@ context, and that a *running* process task can be cancelled.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import Future
@@ -44,11 +45,30 @@ class FutureProxy(Future[T], Generic[T]):
         the app context.
     """
 
-    def __init__(self, context_factory: ContextFactory | None = None) -> None:
+    def __init__(
+        self, context_factory: ContextFactory | None = None, timeout: float | None = None
+    ) -> None:
         super().__init__()
         self._context_factory = context_factory
         #: Set by a backend that can stop the task while it runs.
         self._stop_running: Callable[[], None] | None = None
+        #: This task's time limit (a job's ``timeout=``), or None: the executor's.
+        self._task_timeout = timeout
+        self._meta: dict[str, Any] = {}
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The fields the task set with ``current_task.update(...)`` so far
+        (a copy; updates arrive while the task runs).
+
+        .. versionadded:: 2.0
+        """
+        with self._condition:
+            return dict(self._meta)
+
+    def _merge_meta(self, fields: dict[str, Any]) -> None:
+        with self._condition:
+            self._meta.update(fields)
 
     def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
         """Call ``fn(future)`` when the task finishes or is cancelled.
@@ -108,16 +128,39 @@ class FutureCollection:
     All operations are thread-safe.
 
     :param max_length: how many futures to keep; ``None`` keeps all.
+    :param ttl: seconds a finished future is kept; ``None`` keeps it until
+        popped or pushed out by ``max_length``.
+
+    .. versionchanged:: 2.0
+        ``ttl``; ``key in futures``; thread-safe.
     """
 
-    def __init__(self, max_length: int | None = 50) -> None:
+    def __init__(self, max_length: int | None = 50, ttl: float | None = None) -> None:
         self.max_length = max_length
+        self.ttl = ttl
         self._futures: OrderedDict[Hashable, Future[Any]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._finished_at: dict[Hashable, float] = {}
+        self._lock = threading.RLock()
+
+    def _expire(self) -> None:
+        """Drop finished futures older than ``ttl`` (call with the lock held)."""
+        if self.ttl is None or not self._finished_at:
+            return
+        limit = time.monotonic() - self.ttl
+        for key, finished in list(self._finished_at.items()):
+            if finished <= limit:
+                del self._finished_at[key]
+                self._futures.pop(key, None)
+
+    def _mark_finished(self, key: Hashable, future: Future[Any]) -> None:
+        with self._lock:
+            if self._futures.get(key) is future:
+                self._finished_at[key] = time.monotonic()
 
     def __contains__(self, item: object) -> bool:
         """``key in futures`` or ``future in futures``."""
         with self._lock:
+            self._expire()
             if isinstance(item, Future):
                 return any(item is future for future in self._futures.values())
             try:
@@ -127,6 +170,7 @@ class FutureCollection:
 
     def __len__(self) -> int:
         with self._lock:
+            self._expire()
             return len(self._futures)
 
     def __getattr__(self, attr: str) -> Callable[..., Any]:
@@ -148,6 +192,7 @@ class FutureCollection:
     def get(self, future_key: Hashable) -> Future[Any] | None:
         """The future stored under ``future_key``, or ``None``."""
         with self._lock:
+            self._expire()
             return self._futures.get(future_key)
 
     def check_available(self, future_key: Hashable) -> None:
@@ -157,6 +202,7 @@ class FutureCollection:
         submitting, so a duplicate key never starts a task.
         """
         with self._lock:
+            self._expire()
             if future_key in self._futures:
                 raise ValueError(
                     f"future_key {future_key!r} already exists in executor.futures;"
@@ -169,23 +215,31 @@ class FutureCollection:
         :raises ValueError: the key is already taken.
         """
         with self._lock:
-            if future_key in self._futures:
-                raise ValueError(
-                    f"future_key {future_key!r} already exists in executor.futures;"
-                    " pop() it first or use another key"
-                )
+            self.check_available(future_key)
             self._futures[future_key] = future
             if self.max_length is not None:
                 while len(self._futures) > self.max_length:
-                    self._futures.popitem(last=False)
+                    old_key, _ = self._futures.popitem(last=False)
+                    self._finished_at.pop(old_key, None)
+        if self.ttl is not None:
+            # The plain Future method: this bookkeeping needs no app context.
+            Future.add_done_callback(future, lambda f: self._mark_finished(future_key, f))
 
     def pop(self, future_key: Hashable) -> Future[Any] | None:
         """Remove and return the future stored under ``future_key``, or
         ``None`` when there is none."""
         with self._lock:
+            self._finished_at.pop(future_key, None)
             return self._futures.pop(future_key, None)
 
     def keys(self) -> list[Hashable]:
         """The stored keys, oldest first."""
         with self._lock:
+            self._expire()
             return list(self._futures)
+
+    def items(self) -> list[tuple[Hashable, Future[Any]]]:
+        """``(key, future)`` pairs, oldest first."""
+        with self._lock:
+            self._expire()
+            return list(self._futures.items())

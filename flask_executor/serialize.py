@@ -82,20 +82,28 @@ def copy_filestorage(storage: FileStorage) -> FileStorage:
 
 
 def _proxy_reduce(proxy: LocalProxy[Any]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    """Flask's context globals travel by name: in the worker,
-    ``current_app`` is the worker's ``current_app``. That is what a lambda or
-    closure that mentions ``current_app``, ``request``, ``g`` or ``session``
-    needs."""
-    for name in _FLASK_GLOBALS:
-        if getattr(flask, name) is proxy:
-            return import_object, ("flask", name)
+    """Context proxies travel by name: in the worker, ``current_app`` is the
+    worker's ``current_app``. That is what a lambda or closure that mentions
+    ``current_app``, ``request``, ``g``, ``session`` or ``current_task`` needs."""
+    from .tasks import current_task
+
+    for module, name in _PROXIES:
+        target = current_task if module == "flask_executor" else getattr(flask, name)
+        if target is proxy:
+            return import_object, (module, name)
     raise pickle.PicklingError(
         "a werkzeug LocalProxy cannot be pickled; pass the object it points to"
         " (proxy._get_current_object()) or plain data instead"
     )
 
 
-_FLASK_GLOBALS = ("current_app", "g", "request", "session")
+_PROXIES = (
+    ("flask", "current_app"),
+    ("flask", "g"),
+    ("flask", "request"),
+    ("flask", "session"),
+    ("flask_executor", "current_task"),
+)
 
 
 def import_object(module: str, qualname: str) -> Any:

@@ -119,6 +119,7 @@ def test_all_is_pinned() -> None:
             "TaskTimeoutError",
             "BodyNotCapturedError",
             "GAttributeNotCopiedError",
+            "current_task",
         ]
     )
     assert len(set(flask_executor.__all__)) == len(flask_executor.__all__)

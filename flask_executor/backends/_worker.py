@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import logging
 import os
 import pickle
+import threading
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -21,6 +23,7 @@ from flask import Flask
 from ..errors import SerializationError
 from ..serialize import dumps, loads, type_name
 from ..snapshot import AppSpec, Snapshot, restore, restore_app
+from ..tasks import Publisher, TaskHandle, _current_task, forward_logs
 
 __all__ = ["Outcome", "RemoteTraceback", "rebuild_outcome", "run_call", "worker_main"]
 
@@ -57,14 +60,20 @@ def _error(exc: BaseException, wrap: str | None = None) -> Outcome:
 
 
 def run_call(
-    payload: bytes, spec: AppSpec | None, push_context: bool, chunked: bool = False
+    payload: bytes,
+    spec: AppSpec | None,
+    push_context: bool,
+    chunked: bool = False,
+    publish: Publisher | None = None,
 ) -> Outcome:
     """Run one pickled call; never raises (but for BaseExceptions that must
-    end the worker: KeyboardInterrupt)."""
+    end the worker: KeyboardInterrupt). ``publish`` carries the task's meta
+    updates and log records to the web process while it runs."""
     try:
         fn, args, kwargs, snap = loads(payload)
     except Exception as exc:
         return _error(exc, "the task's arguments could not be unpickled in the worker")
+    token = _current_task.set(TaskHandle(publish))
     try:
         app = restore_app(spec) if push_context and spec is not None else None
         if chunked:
@@ -78,6 +87,8 @@ def run_call(
         raise
     except BaseException as exc:
         return _error(exc)
+    finally:
+        _current_task.reset(token)
     try:
         return ("ok", dumps(result, by_value_main=False))
     except Exception as exc:
@@ -125,20 +136,30 @@ def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
     return False, exception
 
 
-def worker_main(conn: Connection, parent_pid: int) -> None:
+def worker_main(conn: Connection, parent_pid: int, log_level: int = logging.WARNING) -> None:
     """Entry point of a process worker: serve calls until told to stop, the
     connection closes, or the parent process is gone.
 
     It runs in a fresh :mod:`contextvars` context, so a worker forked from a
     thread that had a request pushed never sees that request.
     """
+    # Records logged in tasks go to the web process's loggers (at the web
+    # process's root level), not to this process's inherited stderr handlers.
+    forward_logs(log_level, replace=True)
     contextvars.Context().run(_serve, conn, parent_pid)
 
 
 def _serve(conn: Connection, parent_pid: int) -> None:
+    send_lock = threading.Lock()  # a task's own threads may log too
+
+    def send(message: tuple[Any, ...]) -> None:
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        with send_lock:
+            conn.send_bytes(data)
+
     # Task time limits count from here, not from the process start (spawn
     # workers take a while to import).
-    conn.send_bytes(pickle.dumps(("ready",)))
+    send(("ready",))
     spec: AppSpec | None = None
     spec_version = ""
     spec_error: Exception | None = None
@@ -161,11 +182,15 @@ def _serve(conn: Connection, parent_pid: int) -> None:
                 spec, spec_error = None, exc
             continue
         _, task_id, payload, app_version, push_context, chunked = message
+
+        def publish(kind: str, data: Any, task_id: int = task_id) -> None:
+            send((kind, task_id, data))
+
         if push_context and (spec_error is not None or app_version != spec_version):
             outcome = _error(
                 spec_error or RuntimeError("the worker has no app for this task"),
                 "the Flask app could not be rebuilt in the worker",
             )
         else:
-            outcome = run_call(payload, spec, push_context, chunked)
-        conn.send_bytes(pickle.dumps(("done", task_id, outcome), pickle.HIGHEST_PROTOCOL))
+            outcome = run_call(payload, spec, push_context, chunked, publish)
+        send(("done", task_id, outcome))

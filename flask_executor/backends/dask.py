@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..futures import FutureProxy
+from ..tasks import forward_logs, log_record_restore
 from . import Backend, BackendOptions, PickledTask, settle
 from ._worker import Outcome, rebuild_outcome, run_call
 from .thread import _Deadlines
@@ -56,11 +57,18 @@ def _run_on_worker(
     topic: str,
     key: str,
 ) -> Outcome:
-    """The function Dask runs: report the start, then run the call."""
+    """The function Dask runs: report the start, then run the call; meta
+    updates and log records travel on the same event topic."""
+    worker = distributed.get_worker()
+
+    def publish(kind: str, data: Any) -> None:
+        worker.log_event(topic, {"kind": kind, "key": key, "data": data})
+
     try:
-        distributed.get_worker().log_event(topic, key)
+        worker.log_event(topic, key)
     except Exception:  # noqa: S110 - running() stays false; the task still runs
         pass
+    forward_logs()
     spec = None
     if push_context:
         spec = _worker_specs.get(app_version)
@@ -69,7 +77,7 @@ def _run_on_worker(
 
             _worker_specs.clear()  # keep only the current version
             spec = _worker_specs[app_version] = loads(spec_bytes)
-    return run_call(payload, spec, push_context, chunked)
+    return run_call(payload, spec, push_context, chunked, publish)
 
 
 def _cancel_if_cancelled(dask_future: Any, future: Any) -> None:
@@ -94,10 +102,8 @@ class DaskBackend(Backend):
         self._spec: tuple[str, Any] | None = None
         self._running: dict[str, FutureProxy[Any]] = {}
         self._outstanding: dict[str, Any] = {}
-        self._deadlines = (
-            _Deadlines("Dask cannot interrupt it, so it may still finish on its worker")
-            if options.task_timeout
-            else None
+        self._deadlines = _Deadlines(
+            "Dask cannot interrupt it, so it may still finish on its worker"
         )
 
     def _connect(self) -> Any:
@@ -175,13 +181,22 @@ class DaskBackend(Backend):
                 lambda d, f=future, k=key: self._on_done(d, f, k)
             )
 
-    def _on_event(self, event: tuple[float, str]) -> None:
-        future = self._running.get(event[1])
+    def _on_event(self, event: tuple[float, Any]) -> None:
+        message = event[1]
+        if isinstance(message, dict):
+            if message.get("kind") == "log":
+                log_record_restore(message["data"])
+                return
+            future = self._running.get(message.get("key", ""))
+            if future is not None and message.get("kind") == "meta":
+                future._merge_meta(message["data"])
+            return
+        future = self._running.get(message)
         if future is None or future.done() or future.running():
             return
         if future.set_running_or_notify_cancel():
-            timeout = self.options.task_timeout
-            if self._deadlines is not None and timeout:
+            timeout = future._task_timeout or self.options.task_timeout
+            if timeout:
                 self._deadlines.add(time.monotonic() + timeout, future, timeout)
 
     def _on_done(self, dask_future: Any, future: FutureProxy[Any], key: str) -> None:
@@ -229,5 +244,4 @@ class DaskBackend(Backend):
         self._client.close()
         if self._cluster is not None:
             self._cluster.close()
-        if self._deadlines is not None:
-            self._deadlines.stop()
+        self._deadlines.stop()

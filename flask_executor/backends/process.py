@@ -46,6 +46,7 @@ from typing import Any
 
 from ..errors import TaskTimeoutError, TerminatedWorkerError
 from ..futures import FutureProxy
+from ..tasks import log_record_restore
 from . import Backend, BackendOptions, PickledTask, settle
 from ._worker import rebuild_outcome, worker_main
 
@@ -227,7 +228,7 @@ class ProcessBackend(Backend):
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=worker_main,
-            args=(child_conn, os.getpid()),
+            args=(child_conn, os.getpid(), logging.getLogger().getEffectiveLevel()),
             name="flask-executor-worker",
             daemon=True,
         )
@@ -281,7 +282,7 @@ class ProcessBackend(Backend):
             self._start_clock(item)
 
     def _start_clock(self, item: _WorkItem) -> None:
-        timeout = self.options.task_timeout
+        timeout = item.future._task_timeout or self.options.task_timeout
         item.deadline = time.monotonic() + timeout if timeout else None
 
     def _wait_and_handle(self) -> None:
@@ -313,13 +314,18 @@ class ProcessBackend(Backend):
             self._worker_lost(worker)
 
     def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        if message[0] == "ready":
+        kind = message[0]
+        if kind == "ready":
             worker.ready = True
             if worker.item is not None:
                 self._start_clock(worker.item)
-        else:
-            _, task_id, outcome = message
-            self._complete(worker, task_id, outcome)
+        elif kind == "done":
+            self._complete(worker, message[1], message[2])
+        elif kind == "meta":
+            if worker.item is not None and worker.item.task_id == message[1]:
+                worker.item.future._merge_meta(message[2])
+        elif kind == "log":
+            log_record_restore(message[2])
 
     def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
         item = worker.item
@@ -378,7 +384,9 @@ class ProcessBackend(Backend):
                 settle(
                     item.future,
                     exception=TaskTimeoutError(
-                        f"task ran past EXECUTOR_TASK_TIMEOUT ({self.options.task_timeout:g} s);"
+                        "task ran past its time limit"
+                        f" ({item.future._task_timeout or self.options.task_timeout:g} s:"
+                        " EXECUTOR_TASK_TIMEOUT or the job's timeout);"
                         f" its worker (pid {worker.process.pid}) was killed"
                     ),
                 )

@@ -43,10 +43,8 @@ class ThreadBackend(Backend):
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._shutdown = False
-        self._deadlines = (
-            _Deadlines("the thread cannot be stopped and finishes in the background")
-            if options.task_timeout
-            else None
+        self._deadlines = _Deadlines(
+            "the thread cannot be stopped and finishes in the background"
         )
 
     def submit(self, future: FutureProxy[Any], task: Callable[[], Any]) -> None:
@@ -64,7 +62,7 @@ class ThreadBackend(Backend):
                 self._threads.append(thread)
 
     def _work(self) -> None:
-        timeout = self.options.task_timeout
+        default_timeout = self.options.task_timeout
         deadlines = self._deadlines
         while True:
             item = self._queue.get()
@@ -74,7 +72,8 @@ class ThreadBackend(Backend):
             future, task = item
             del item
             if future.set_running_or_notify_cancel():
-                if deadlines is not None and timeout:
+                timeout = future._task_timeout or default_timeout
+                if timeout:
                     deadlines.add(time.monotonic() + timeout, future, timeout)
                 complete(future, task)
             del future, task
@@ -98,8 +97,7 @@ class ThreadBackend(Backend):
             for thread in threads:
                 if thread is not threading.current_thread():
                     thread.join()
-        if self._deadlines is not None:
-            self._deadlines.stop()
+        self._deadlines.stop()
 
 
 class _Deadlines:
@@ -140,7 +138,8 @@ class _Deadlines:
                     settle(
                         future,
                         exception=TaskTimeoutError(
-                            f"task ran past EXECUTOR_TASK_TIMEOUT ({timeout:g} s);"
+                            f"task ran past its time limit ({timeout:g} s:"
+                            " EXECUTOR_TASK_TIMEOUT or the job's timeout);"
                             f" {self._consequence}"
                         ),
                     )
