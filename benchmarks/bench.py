@@ -29,18 +29,20 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 import flask
+from _dask import section_dask
 from _external import cold_start, compare_v1
 from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
 from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
 
-SECTIONS = ("thread", "process", "config", "cpu", "cold")
+SECTIONS = ("thread", "process", "config", "cpu", "cold", "dask")
 TITLES = {
     "thread": "1. thread pool: full context vs raw ThreadPoolExecutor",
     "process": "2. process pool: full context vs raw ProcessPoolExecutor",
     "config": "3. per-task cost vs config size (process)",
     "cpu": "4. CPU-bound scaling (process)",
     "cold": "5. cold start (process)",
-    "compare": "6. Flask-Executor 1.0, each version against its own raw pool",
+    "dask": "6. Dask: ours vs raw client.submit / client.map on the same cluster",
+    "compare": "7. Flask-Executor 1.0, each version against its own raw pool",
 }
 CTX_RESULT = ("bench-value", "1", "alice")
 #: A section running longer than this is taken for a hang: every thread's
@@ -403,12 +405,15 @@ TARGETS = {
                      ("sequential", "big")),
     # a speedup: at least 80 % (aim: 90 %) of the ideal for 2 workers on this machine
     "cpu": Target("CPU-bound speedup over serial, 2 workers", 0.8, 0.9, "speedup", None),
+    "dask": Target("dask round trip, ours/raw client.submit", 1.25, 1.1, "ratio",
+                   ("sequential", "ours")),
 }  # fmt: skip
 INFO = (
     ("thread", "floor_ratio", "thread round trip, Flask's own floor/raw"),
     ("thread", "batch_ratio", "thread batch of {batch_n}, ours/raw"),
     ("thread", "batch_floor_ratio", "thread batch of {batch_n}, Flask's floor/raw"),
     ("process", "floor_ratio", "process round trip, Flask's own floor/raw"),
+    ("dask", "map_ratio", "dask map of 1000 items, ours/client.map"),
     ("cpu", "ours_vs_raw", "CPU-bound total time, ours/raw pool"),
     ("cold", "ratio", "cold start to first result, ours/raw"),
 )
@@ -550,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     parser.add_argument(
+        "--png", metavar="FILE", help="also draw the ratios as a chart (needs the [bench] extra)"
+    )
+    parser.add_argument(
         "--compare-1.0",
         dest="compare",
         metavar="PYTHON",
@@ -573,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": section_config,
         "cpu": section_cpu,
         "cold": section_cold,
+        "dask": lambda plan: section_dask(plan, make_app, in_request, sequential),
     }
     started = time.perf_counter()
     results: dict[str, Any] = {}
@@ -600,6 +609,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
+    if args.png:
+        from _chart import draw
+
+        draw(results, summary, args.png, meta=info)
+        print(f"chart written to {args.png}")
     return 1 if alive or any("error" in r for r in results.values()) else 0
 
 

@@ -137,6 +137,7 @@ class Executor(concurrent.futures.Executor):
 
         Reads, each with this executor's name prefix: ``EXECUTOR_TYPE``,
         ``EXECUTOR_MAX_WORKERS``, ``EXECUTOR_FUTURES_MAX_LENGTH``,
+        ``EXECUTOR_FUTURES_TTL``,
         ``EXECUTOR_PROPAGATE_EXCEPTIONS``, ``EXECUTOR_PUSH_APP_CONTEXT``,
         ``EXECUTOR_START_METHOD``, ``EXECUTOR_MAX_TASKS_PER_CHILD``,
         ``EXECUTOR_TASK_TIMEOUT``, ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``,
@@ -153,6 +154,7 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_TYPE": "thread",
             "EXECUTOR_MAX_WORKERS": None,
             "EXECUTOR_FUTURES_MAX_LENGTH": None,
+            "EXECUTOR_FUTURES_TTL": None,
             "EXECUTOR_PROPAGATE_EXCEPTIONS": False,
             "EXECUTOR_PUSH_APP_CONTEXT": True,
             "EXECUTOR_START_METHOD": None,
@@ -207,12 +209,14 @@ class Executor(concurrent.futures.Executor):
             app_factory=value["EXECUTOR_APP_FACTORY"],
         )
         max_length = self._int(value, "EXECUTOR_FUTURES_MAX_LENGTH")
+        ttl = self._float(value, "EXECUTOR_FUTURES_TTL")
         with self._lock:
             self._states[app] = state
             self.app = app
             self._shutdown = False
             if max_length is not None:
                 self.futures.max_length = max_length
+            self.futures.ttl = ttl
         app.extensions[self.name + "executor"] = self
 
     def _int(self, values: dict[str, Any], key: str) -> int | None:
@@ -397,7 +401,8 @@ class Executor(concurrent.futures.Executor):
         order, each item run with its own copy of the context.
 
         With a process or Dask backend, ``chunksize`` items travel together
-        in one payload; each still runs in its own context.
+        in one payload; each still runs in its own context. On Dask a
+        ``chunksize`` of 1 is raised to about four chunks per worker.
         """
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -406,7 +411,10 @@ class Executor(concurrent.futures.Executor):
         end = time.monotonic() + timeout if timeout is not None else None
         app, state = self._app_and_state()
         backend = self._backend(state)
-        items = zip(*iterables, strict=False)
+        items: Iterable[tuple[Any, ...]] = zip(*iterables, strict=False)
+        if chunksize == 1 and backend.pickles:
+            items = list(items)
+            chunksize = backend.map_chunksize(len(items))
         chunked = chunksize > 1 and backend.pickles
         calls = _chunks(items, chunksize) if chunked else items
         pairs = [
@@ -536,7 +544,7 @@ def _callback_context(
     return factory
 
 
-def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
     chunk: list[tuple[Any, ...]] = []
     for item in items:
         chunk.append(item)

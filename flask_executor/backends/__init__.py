@@ -68,6 +68,10 @@ class Backend(ABC):
         :raises RuntimeError: the backend was shut down.
         """
 
+    def map_chunksize(self, items: int) -> int:
+        """The chunk size ``map`` uses when the caller left it at 1."""
+        return 1
+
     def submit_many(self, items: Sequence[tuple[FutureProxy[Any], Any]]) -> None:
         """Submit several tasks; backends with a batch call override this."""
         for future, task in items:

@@ -148,6 +148,12 @@ class DaskBackend(Backend):
                 spec = self._spec = (task.app_version, scattered)
             return spec[1]
 
+    def map_chunksize(self, items: int) -> int:
+        """About four chunks per worker: one scheduler round trip per item
+        would be slower than ``client.map``."""
+        workers = len(self._connect().scheduler_info().get("workers", {})) or 1
+        return max(1, -(-items // (4 * workers)))
+
     def submit(self, future: FutureProxy[Any], task: PickledTask) -> None:
         self.submit_many([(future, task)])
 
