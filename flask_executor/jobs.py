@@ -32,8 +32,8 @@ class ExecutorJob(Generic[P, T]):
     reference to its module, so jobs work with process and Dask backends.
 
     :param retries: run again up to this many times when the function raises
-        one of ``retry_on``, waiting ``backoff * 2 ** (attempt - 1)`` seconds,
-        with jitter, in between; the attempt number is in ``future.meta``;
+        one of ``retry_on``, waiting ``backoff * 2 ** (attempt - 1)`` seconds
+        plus up to half as much again (jitter) in between; the attempt number is in ``future.meta``;
         when attempts run out the last exception is raised.
     :param timeout: this job's ``EXECUTOR_TASK_TIMEOUT``, in seconds.
 
@@ -136,6 +136,7 @@ class _Retrying:
             except self.retry_on:
                 if attempt > self.retries:
                     raise
+                # At least the base delay, plus up to half of it as jitter.
                 delay = self.backoff * 2 ** (attempt - 1)
-                time.sleep(delay * random.uniform(0.5, 1.5))
+                time.sleep(delay * random.uniform(1.0, 1.5))
         raise AssertionError("unreachable")  # pragma: no cover

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..futures import FutureProxy
+from ..serialize import dumps, loads
 from ..tasks import forward_logs, log_record_restore
 from . import Backend, BackendOptions, PickledTask, settle
 from ._worker import Outcome, rebuild_outcome, run_call
@@ -62,7 +63,8 @@ def _run_on_worker(
     worker = distributed.get_worker()
 
     def publish(kind: str, data: Any) -> None:
-        worker.log_event(topic, {"kind": kind, "key": key, "data": data})
+        # Pickled: the event channel is msgpack, which turns lists into tuples.
+        worker.log_event(topic, {"kind": kind, "key": key, "data": dumps(data)})
 
     try:
         worker.log_event(topic, key)
@@ -73,8 +75,6 @@ def _run_on_worker(
     if push_context:
         spec = _worker_specs.get(app_version)
         if spec is None:
-            from ..serialize import loads
-
             _worker_specs.clear()  # keep only the current version
             spec = _worker_specs[app_version] = loads(spec_bytes)
     return run_call(payload, spec, push_context, chunked, publish)
@@ -191,11 +191,11 @@ class DaskBackend(Backend):
         message = event[1]
         if isinstance(message, dict):
             if message.get("kind") == "log":
-                log_record_restore(message["data"])
+                log_record_restore(loads(message["data"]))
                 return
             future = self._running.get(message.get("key", ""))
             if future is not None and message.get("kind") == "meta":
-                future._merge_meta(message["data"])
+                future._merge_meta(loads(message["data"]))
             return
         future = self._running.get(message)
         if future is None or future.done() or future.running():
