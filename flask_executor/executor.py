@@ -404,6 +404,16 @@ class Executor(concurrent.futures.Executor):
         in one payload; each still runs in its own context. On Dask a
         ``chunksize`` of 1 is raised to about four chunks per worker.
         """
+        return self._map(fn, iterables, timeout, chunksize)
+
+    def _map(
+        self,
+        fn: Callable[..., T],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+        task_timeout: float | None = None,
+    ) -> Iterator[T]:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if chunksize < 1:
@@ -418,7 +428,16 @@ class Executor(concurrent.futures.Executor):
         chunked = chunksize > 1 and backend.pickles
         calls = _chunks(items, chunksize) if chunked else items
         pairs = [
-            self._prepare(app, state, backend, fn, (call,) if chunked else tuple(call), {}, chunked)
+            self._prepare(
+                app,
+                state,
+                backend,
+                fn,
+                (call,) if chunked else tuple(call),
+                {},
+                chunked,
+                timeout=task_timeout,
+            )
             for call in calls
         ]
         backend.submit_many(pairs)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from .serialize import import_object
+from .serialize import import_object, register_reducer
 from .tasks import _current_task
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class ExecutorJob(Generic[P, T]):
     ) -> Iterator[T]:
         """Map the job over ``iterables``; see :meth:`Executor.map
         <flask_executor.Executor.map>`."""
-        return self.executor.map(self._task(), *iterables, timeout=timeout, chunksize=chunksize)
+        return self.executor._map(self._task(), iterables, timeout, chunksize, self.timeout)
 
     def __reduce__(self) -> tuple[Any, ...]:
         module = getattr(self.fn, "__module__", None)
@@ -98,6 +98,18 @@ class ExecutorJob(Generic[P, T]):
         if module and module != "__main__" and "<locals>" not in qualname:
             return (import_object, (module, qualname))
         return (_InlineJob, (self.fn,))
+
+
+def _job_reduce_for_processes(job: ExecutorJob[Any, Any]) -> tuple[Any, ...]:
+    """Process workers run the web process's main script as ``__main__``:
+    a job defined there travels by reference, like a plain function."""
+    qualname = getattr(job.fn, "__qualname__", "")
+    if getattr(job.fn, "__module__", None) == "__main__" and "<locals>" not in qualname:
+        return (import_object, ("__main__", qualname))
+    return job.__reduce__()
+
+
+register_reducer(ExecutorJob, _job_reduce_for_processes, main_by_reference=True)
 
 
 class _InlineJob:

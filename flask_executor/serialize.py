@@ -131,6 +131,14 @@ class _FastPickler(pickle.Pickler):
     }
 
 
+def register_reducer(cls: type, reducer: Callable[[Any], Any], *, main_by_reference: bool) -> None:
+    """Teach both picklers ``cls``; with ``main_by_reference`` only the
+    process pickler (whose workers run the web process's ``__main__``)."""
+    _FastPickler.dispatch_table[cls] = reducer
+    if not main_by_reference:
+        _Pickler.dispatch_table.maps[0][cls] = reducer
+
+
 def dumps(obj: object, *, by_value_main: bool = True) -> bytes:
     """Pickle ``obj`` with the :class:`FileStorage` and Flask-proxy reducers.
 

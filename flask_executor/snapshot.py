@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import importlib.util
 import io
 import logging
+import os
+import sys
 import threading
 import uuid
 import weakref
@@ -636,6 +639,7 @@ def _factory_restore(factory: str) -> Flask:
         raise ValueError(
             f"EXECUTOR_APP_FACTORY must look like 'package.module:create_app', got {factory!r}"
         )
+    _alias_main(module_name)
     target = import_object(module_name, attr)
     app = target() if not isinstance(target, Flask) else target
     if not isinstance(app, Flask):
@@ -643,6 +647,24 @@ def _factory_restore(factory: str) -> Flask:
             f"EXECUTOR_APP_FACTORY {factory!r} returned {type_name(app)}, not a Flask app"
         )
     return app
+
+
+def _alias_main(module_name: str) -> None:
+    """When the factory lives in the script the web process runs
+    (``python app.py`` with ``EXECUTOR_APP_FACTORY = 'app:create_app'``),
+    let the worker use the copy of it already loaded as ``__main__``:
+    importing it again would create a second ``db = SQLAlchemy()`` that the
+    task's functions never see."""
+    if module_name in sys.modules:
+        return
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return
+    if main_file and spec is not None and spec.origin:
+        if os.path.realpath(spec.origin) == os.path.realpath(main_file):
+            sys.modules[module_name] = sys.modules["__main__"]
 
 
 def _standin_restore(spec: AppSpec) -> Flask:
