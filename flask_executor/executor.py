@@ -220,30 +220,29 @@ class Executor(concurrent.futures.Executor):
         app.extensions[self.name + "executor"] = self
 
     def _int(self, values: dict[str, Any], key: str) -> int | None:
-        raw = values[key]
-        if raw is None or raw == "":
-            return None
-        try:
-            number = int(raw)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{self._key(key)} = {raw!r} is not a whole number"
-            ) from None
-        if number < 1:
-            raise ValueError(f"{self._key(key)} = {raw!r} must be at least 1")
-        return number
+        number = self._number(values, key, int, "a whole number")
+        if number is not None and number < 1:
+            raise ValueError(f"{self._key(key)} = {values[key]!r} must be at least 1")
+        return None if number is None else int(number)
 
     def _float(self, values: dict[str, Any], key: str) -> float | None:
+        number = self._number(values, key, float, "a number of seconds")
+        if number is not None and number <= 0:
+            raise ValueError(f"{self._key(key)} = {values[key]!r} must be more than 0")
+        return number
+
+    def _number(
+        self, values: dict[str, Any], key: str, kind: type[float], what: str
+    ) -> float | None:
+        """``values[key]`` as ``kind`` (strings from the environment welcome);
+        ``None`` or ``''`` for unset."""
         raw = values[key]
         if raw is None or raw == "":
             return None
         try:
-            number = float(raw)
+            return kind(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"{self._key(key)} = {raw!r} is not a number of seconds") from None
-        if number <= 0:
-            raise ValueError(f"{self._key(key)} = {raw!r} must be more than 0")
-        return number
+            raise ValueError(f"{self._key(key)} = {raw!r} is not {what}") from None
 
     # -- which app ---------------------------------------------------------
 

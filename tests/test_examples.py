@@ -14,15 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_demo_runs_and_each_task_sees_its_own_context() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = run_script("demo.py")
     assert "thread task for alice: mailed alice@example.com from /signup" in out
     assert "'user': 'alice'" in out and "'region': 'eu'" in out
     assert "'user': 'bob'" in out and "'region': 'us'" in out
@@ -32,32 +24,29 @@ def test_demo_runs_and_each_task_sees_its_own_context() -> None:
 
 @pytest.mark.slow
 def test_dask_demo_runs_the_same_app_on_a_cluster() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "dask_demo.py")],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = run_script("dask_demo.py", timeout=180)
     assert "2. dask pool" in out
     assert "'user': 'alice'" in out and "'region': 'eu'" in out
     assert "'user': 'bob'" in out and "'region': 'us'" in out
     assert "done: every task saw its own request, g and config." in out
 
 
-def run_example(name: str) -> str:
-    """Run ``examples/<name>/app.py`` as a script; return its output."""
+def run_script(path: str, timeout: float = 120) -> str:
+    """Run ``examples/<path>`` as a script; return its output."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / name / "app.py")],
+        [sys.executable, str(ROOT / "examples" / path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def run_example(name: str) -> str:
+    """Run ``examples/<name>/app.py`` as a script; return its output."""
+    return run_script(f"{name}/app.py")
 
 
 @pytest.mark.slow
