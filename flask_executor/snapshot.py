@@ -190,8 +190,9 @@ class restore:
             if snap is not None:
                 _g_restore(snap)
                 if req is not None and req.live is None:
-                    _request_attrs_restore(req)
-                    if not req.null_session:
+                    if req.attrs:
+                        _request_attrs_restore(req)
+                    if not req.null_session and _opens_own_session(self.app):
                         _session_apply(req)
         except BaseException as exc:
             ctx.pop(exc)
@@ -252,7 +253,7 @@ def _omitting_class(base: type, omitted: dict[str, str]) -> type:
 # -- request -------------------------------------------------------------------
 
 
-_PLAIN_ENVIRON = (str, bytes, int, float, bool, type(None))
+_PLAIN_ENVIRON = frozenset((str, bytes, int, float, bool, type(None)))
 _request_fields: dict[type, frozenset[str]] = {}
 
 
@@ -348,6 +349,12 @@ def _request_restore(app: Flask, snap: RequestSnapshot) -> RequestContext:
     else:
         environ["wsgi.input"] = io.BytesIO(snap.body)
     return RequestContext(app, environ, session=session_obj)
+
+
+def _opens_own_session(app: Flask) -> bool:
+    """Whether the session was opened from the cookie (no ``session_class``
+    to build it from the snapshot)."""
+    return getattr(app.session_interface, "session_class", None) is None
 
 
 def _session_apply(snap: RequestSnapshot) -> None:
