@@ -2,11 +2,12 @@
 
 How work flows::
 
-    submit() ──▶ pending deque ──wake──▶ dispatcher thread ──pipe──▶ worker 1..N
-    (caller)     (_WorkItem)             assigns one task per         run_call():
-                                         idle worker, watches         unpickle, restore
-    FutureProxy ◀── result / error ◀──── pipes, sentinels and  ◀──── context, run,
-    completed                            deadlines                   pickle outcome
+    submit() ─── idle worker that is up? ──────────── pipe ───────▶ worker 1..N
+    (caller)  └─ else: pending deque ──wake──▶ dispatcher thread ─▶  run_call():
+                 (_WorkItem)                   assigns one task per   unpickle, restore
+                                               idle worker, watches   context, run,
+    FutureProxy ◀── result / error ◀────────── pipes, sentinels and ◀ pickle outcome
+    completed                                  deadlines
 
 Each worker has its own duplex pipe and runs one task at a time, so the
 dispatcher always knows which task a worker is running. That is what the
@@ -24,7 +25,11 @@ what makes the failure semantics local:
 * the app spec (config and routes) is sent to a worker only when its version
   changed, so per-task traffic does not grow with the config.
 
-Workers are started lazily, on demand, from the dispatcher thread.
+Workers are started lazily, on demand, from the dispatcher thread. A task
+submitted while a started worker is idle goes straight down that worker's pipe
+from the submitting thread (the worker is reserved under the pool's lock),
+saving the hop through the dispatcher; everything else (queueing, results,
+deaths, deadlines, retirement) stays with the dispatcher.
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ class ProcessBackend(Backend):
         method = options.start_method or default_start_method()
         self._context: Any = multiprocessing.get_context(method)
         self._max_workers = options.max_workers or os.cpu_count() or 1
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._pending: deque[_WorkItem] = deque()
         self._stop_requests: deque[_WorkItem] = deque()
         self._ids = itertools.count()
@@ -124,13 +129,21 @@ class ProcessBackend(Backend):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             item = _WorkItem(future, task, next(self._ids))
             future._stop_running = lambda: self._request_stop(item)
-            self._pending.append(item)
+            # An idle worker that is up takes the task straight from this
+            # thread: one thread hop less than going through the dispatcher.
+            worker = None if self._pending else self._claim(item, start=False)
+            if worker is None:
+                self._pending.append(item)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._dispatch, name="flask-executor-dispatcher", daemon=True
                 )
                 self._thread.start()
-        self._wake()
+        if worker is None:
+            self._wake()
+        elif future.set_running_or_notify_cancel():
+            item.started = True
+            self._deliver(worker, item)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -200,29 +213,33 @@ class ProcessBackend(Backend):
                 if item.future.cancelled():
                     self._pending.popleft()
                     continue
-            worker = self._idle_worker(item.task.app_version)
-            if worker is None:
-                return
-            with self._lock:
-                if not self._pending or self._pending[0] is not item:
-                    continue
+                worker = self._claim(item, start=True)
+                if worker is None:
+                    return
                 self._pending.popleft()
             if not item.started:
                 if not item.future.set_running_or_notify_cancel():
+                    with self._lock:
+                        worker.item = None
                     continue
                 item.started = True
-            self._send(worker, item)
+            self._deliver(worker, item)
 
-    def _idle_worker(self, app_version: str) -> _Worker | None:
-        idle = [worker for worker in self._workers if worker.item is None]
-        for worker in idle:
-            if worker.app_version == app_version:
-                return worker
-        if idle:
-            return idle[0]
-        if len(self._workers) < self._max_workers:
-            return self._start_worker()
-        return None
+    def _claim(self, item: _WorkItem, start: bool) -> _Worker | None:
+        """Reserve an idle worker for ``item`` (call with the lock held).
+
+        From the caller's thread (``start=False``) only a worker that is up
+        qualifies; the dispatcher may also start a new one.
+        """
+        idle = [w for w in self._workers if w.item is None and (start or w.ready)]
+        worker = next((w for w in idle if w.app_version == item.task.app_version), None)
+        if worker is None and idle:
+            worker = idle[0]
+        if worker is None and start and len(self._workers) < self._max_workers:
+            worker = self._start_worker()
+        if worker is not None:
+            worker.item = item
+        return worker
 
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
@@ -242,14 +259,18 @@ class ProcessBackend(Backend):
 
     def _forget(self, worker: _Worker) -> None:
         """Remove ``worker`` from the pool (its process is ended or ending)."""
-        self._workers.remove(worker)
+        with self._lock:
+            if worker not in self._workers:
+                return
+            self._workers.remove(worker)
         for fileobj in (worker.conn, worker.process.sentinel):
             try:
                 self._selector.unregister(fileobj)
             except (KeyError, ValueError):
                 pass
 
-    def _send(self, worker: _Worker, item: _WorkItem) -> None:
+    def _deliver(self, worker: _Worker, item: _WorkItem) -> None:
+        """Send ``item`` to ``worker``, which was claimed for it (any thread)."""
         task = item.task
         try:
             if task.push_context and worker.app_version != task.app_version:
@@ -272,14 +293,17 @@ class ProcessBackend(Backend):
             )
         except OSError:
             # The worker died before it got the task: the task never ran, so it
-            # goes back to the front of the queue; the death is handled below.
+            # goes back to the front of the queue; the dispatcher sees the death.
             with self._lock:
-                self._pending.appendleft(item)
-            self._worker_lost(worker)
+                if worker.item is item:
+                    worker.item = None
+                    self._pending.appendleft(item)
+            self._wake()
             return
-        worker.item = item
         if worker.ready:
             self._start_clock(item)
+            if item.deadline is not None:
+                self._wake()  # the dispatcher must wait no longer than this deadline
 
     def _start_clock(self, item: _WorkItem) -> None:
         timeout = item.future._task_timeout or self.options.task_timeout
@@ -328,21 +352,24 @@ class ProcessBackend(Backend):
             log_record_restore(message[2])
 
     def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
-        item = worker.item
-        worker.item = None
-        worker.tasks_done += 1
+        limit = self.options.max_tasks_per_child
+        with self._lock:
+            item = worker.item
+            worker.tasks_done += 1
+            retire = bool(limit and worker.tasks_done >= limit)
+            if retire:  # out of the pool before anyone can claim it again
+                self._forget(worker)
+            worker.item = None
+        if retire:
+            self._retire(worker)
         if item is not None and item.task_id == task_id:
             ok, value = rebuild_outcome(outcome)
             if ok:
                 settle(item.future, result=value)
             else:
                 settle(item.future, exception=value)
-        limit = self.options.max_tasks_per_child
-        if limit and worker.tasks_done >= limit:
-            self._retire(worker)
 
     def _retire(self, worker: _Worker) -> None:
-        self._forget(worker)
         try:
             worker.conn.send_bytes(pickle.dumps(("stop",)))
         except OSError:
@@ -353,20 +380,19 @@ class ProcessBackend(Backend):
     def _worker_lost(self, worker: _Worker) -> None:
         if worker not in self._workers:
             return
+        self._forget(worker)  # first: nobody may claim it any more
         try:  # a result sent just before dying still counts
             while worker.item is not None and worker.conn.poll():
                 self._handle(worker, pickle.loads(worker.conn.recv_bytes()))
         except (EOFError, OSError, pickle.UnpicklingError):
             pass
-        if worker not in self._workers:
-            return
-        self._forget(worker)
         worker.process.join(1.0)
         if worker.process.exitcode is None:
             worker.process.kill()
             worker.process.join(1.0)
         worker.conn.close()
-        item = worker.item
+        with self._lock:
+            item, worker.item = worker.item, None
         if item is not None:
             settle(item.future, exception=TerminatedWorkerError(_death_message(worker.process)))
 
