@@ -25,13 +25,14 @@ from typing import Any, ParamSpec, Protocol, TypeVar, overload
 from flask import Blueprint, Flask, current_app, has_app_context
 from werkzeug.datastructures import FileStorage
 
+from .appspec import app_spec
 from .backends import Backend, BackendOptions, PickledTask, create_backend
 from .errors import SerializationError
 from .futures import FutureCollection, FutureProxy
 from .jobs import ExecutorJob
 from .serialize import copy_filestorage, dumps_call
 from .signals import task_failed, task_finished, task_submitted
-from .snapshot import Snapshot, app_spec, capture, restore
+from .snapshot import Snapshot, capture, restore
 from .status import status_blueprint
 from .tasks import TaskHandle, _current_task
 

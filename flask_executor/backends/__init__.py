@@ -38,7 +38,7 @@ class PickledTask:
 
     #: ``(fn, args, kwargs, snapshot)`` pickled by :func:`~flask_executor.serialize.dumps_call`.
     payload: bytes
-    #: Version and pickled :class:`~flask_executor.snapshot.AppSpec`; workers
+    #: Version and pickled :class:`~flask_executor.appspec.AppSpec`; workers
     #: receive the spec only when their version differs.
     app_version: str
     app_spec: bytes

@@ -20,9 +20,10 @@ from typing import Any
 
 from flask import Flask
 
+from ..appspec import AppSpec, restore_app
 from ..errors import SerializationError
 from ..serialize import dumps, loads, type_name
-from ..snapshot import AppSpec, Snapshot, restore, restore_app
+from ..snapshot import Snapshot, restore
 from ..tasks import Publisher, TaskHandle, _current_task, forward_logs
 
 __all__ = ["Outcome", "RemoteTraceback", "rebuild_outcome", "run_call", "worker_main"]

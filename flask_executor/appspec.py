@@ -1,0 +1,264 @@
+"""The app a process or cluster worker runs its tasks in.
+
+In the web process, :func:`app_spec` describes an app (the picklable subset
+of its config, its routes, template and static folders, request class, URL
+converters) as a versioned :class:`AppSpec`; workers receive it only when the
+version changes. In the worker, :func:`restore_app` builds the app once per
+process (from ``EXECUTOR_APP_FACTORY``, from the live app a ``fork`` copied,
+or as a stand-in) and applies the spec's config on top. The per-task context
+(request, ``g``, session) is :mod:`flask_executor.snapshot`'s.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import logging
+import os
+import sys
+import threading
+import uuid
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask
+from werkzeug.routing import Rule
+
+from .serialize import dumps, import_object, type_name
+from .snapshot import _NotCopyable, _pickle_check
+
+__all__ = ["AppSpec", "app_spec", "app_token", "restore_app"]
+
+logger = logging.getLogger("flask_executor")
+
+
+@dataclass
+class AppSpec:
+    """How a worker builds its Flask app: from ``factory``, from the live app
+    it inherited by ``fork``, or as a stand-in with the same routes and
+    templates. ``config`` is applied on top in each case."""
+
+    token: str
+    version: str
+    factory: str | None
+    import_name: str
+    root_path: str | None
+    template_folder: str | None
+    static_folder: str | None
+    static_url_path: str | None
+    instance_path: str
+    request_class: type | None
+    converters: dict[str, Any]
+    host_matching: bool
+    subdomain_matching: bool
+    rules: list[dict[str, Any]]
+    config: dict[str, Any]
+
+
+@dataclass
+class _SpecCache:
+    config: dict[str, Any]
+    view_count: int
+    version: str
+    payload: bytes
+    warned: set[str] = field(default_factory=set)
+
+
+_spec_caches: weakref.WeakKeyDictionary[Flask, _SpecCache] = weakref.WeakKeyDictionary()
+_spec_lock = threading.Lock()
+#: Live apps by token, so that workers forked from this process find theirs.
+_live_apps: weakref.WeakValueDictionary[str, Flask] = weakref.WeakValueDictionary()
+_app_tokens: weakref.WeakKeyDictionary[Flask, str] = weakref.WeakKeyDictionary()
+
+
+def app_token(app: Flask) -> str:
+    """A stable identifier for ``app`` in this process."""
+    with _spec_lock:
+        token = _app_tokens.get(app)
+        if token is None:
+            token = uuid.uuid4().hex
+            _app_tokens[app] = token
+            _live_apps[token] = app
+        return token
+
+
+def app_spec(app: Flask, exclude: Sequence[str], factory: str | None) -> tuple[str, bytes]:
+    """``(version, pickled AppSpec)`` for ``app``'s current config and routes.
+
+    Cached: as long as the config compares equal key by key and no view was
+    added, the same version and bytes are returned without pickling anything,
+    so the per-task cost does not grow with the size of the config.
+    """
+    config = app.config
+    with _spec_lock:
+        cache = _spec_caches.get(app)
+    try:
+        if cache is not None and cache.view_count == len(app.view_functions):
+            if config == cache.config:
+                return cache.version, cache.payload
+    except Exception:  # values whose == is not a bool (arrays): rebuild
+        pass
+    warned = cache.warned if cache is not None else set()
+    spec = _app_reduce(app, exclude, factory, warned)
+    payload = dumps(spec)
+    new = _SpecCache(dict(config), len(app.view_functions), spec.version, payload, warned)
+    with _spec_lock:
+        _spec_caches[app] = new
+    return new.version, new.payload
+
+
+def _config_reduce(app: Flask, exclude: Sequence[str], warned: set[str]) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for key, value in app.config.items():
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in exclude):
+            continue
+        try:
+            kept[key] = _pickle_check(value)
+        except _NotCopyable as exc:
+            if key not in warned:
+                warned.add(key)
+                logger.warning(
+                    "config[%r] (%s) cannot be pickled and is left out of process"
+                    " and cluster tasks",
+                    key,
+                    exc,
+                )
+    return kept
+
+
+def _app_reduce(
+    app: Flask, exclude: Sequence[str], factory: str | None, warned: set[str]
+) -> AppSpec:
+    url_map = app.url_map
+    rules = []
+    for rule in url_map.iter_rules():
+        if rule.endpoint == "static" and app.has_static_folder:
+            continue
+        rules.append(
+            {
+                "string": rule.rule,
+                "endpoint": rule.endpoint,
+                "methods": rule.methods,
+                "defaults": rule.defaults,
+                "subdomain": rule.subdomain,
+                "host": rule.host,
+                "strict_slashes": rule.strict_slashes,
+                "merge_slashes": rule.merge_slashes,
+                "build_only": rule.build_only,
+                "redirect_to": rule.redirect_to if isinstance(rule.redirect_to, str) else None,
+                "websocket": rule.websocket,
+            }
+        )
+    defaults = type(url_map).default_converters
+    return AppSpec(
+        token=app_token(app),
+        version=uuid.uuid4().hex,
+        factory=factory,
+        import_name=app.import_name,
+        root_path=app.root_path,
+        template_folder=app.template_folder,  # type: ignore[arg-type]
+        static_folder=app.static_folder if app.has_static_folder else None,
+        static_url_path=app.static_url_path,
+        instance_path=app.instance_path,
+        request_class=app.request_class if app.request_class is not Flask.request_class else None,
+        converters={k: v for k, v in url_map.converters.items() if defaults.get(k) is not v},
+        host_matching=url_map.host_matching,
+        subdomain_matching=app.subdomain_matching,
+        rules=rules,
+        config=_config_reduce(app, exclude, warned),
+    )
+
+
+@dataclass
+class _WorkerApp:
+    app: Flask
+    #: The config the app had before any snapshot was applied to it.
+    base_config: dict[str, Any]
+    version: str = ""
+
+
+#: The apps this worker process has built.
+_worker_apps: dict[str, _WorkerApp] = {}
+
+
+def restore_app(spec: AppSpec) -> Flask:
+    """The worker's app for ``spec``, built once per process.
+
+    Whenever the config version changes, the app's config is reset to what it
+    was when built (the factory's config; Flask's defaults for a stand-in or a
+    forked copy of the live app) and the snapshot's config applied on top, so
+    keys removed or excluded in the web process are gone here too.
+    """
+    key = f"factory:{spec.factory}" if spec.factory else f"app:{spec.token}"
+    entry = _worker_apps.get(key)
+    if entry is None:
+        if spec.factory:
+            app = _factory_restore(spec.factory)
+            base = dict(app.config)
+        else:
+            app = _live_apps.get(spec.token) or _standin_restore(spec)
+            base = dict(app.default_config)
+        entry = _worker_apps[key] = _WorkerApp(app, base)
+    if entry.version != spec.version:
+        config = entry.app.config
+        config.clear()
+        config.update(entry.base_config)
+        config.update(spec.config)
+        entry.version = spec.version
+    return entry.app
+
+
+def _factory_restore(factory: str) -> Flask:
+    module_name, _, attr = factory.partition(":")
+    if not module_name or not attr:
+        raise ValueError(
+            f"EXECUTOR_APP_FACTORY must look like 'package.module:create_app', got {factory!r}"
+        )
+    _alias_main(module_name)
+    target = import_object(module_name, attr)
+    app = target() if not isinstance(target, Flask) else target
+    if not isinstance(app, Flask):
+        raise TypeError(
+            f"EXECUTOR_APP_FACTORY {factory!r} returned {type_name(app)}, not a Flask app"
+        )
+    return app
+
+
+def _alias_main(module_name: str) -> None:
+    """When the factory lives in the script the web process runs
+    (``python app.py`` with ``EXECUTOR_APP_FACTORY = 'app:create_app'``),
+    let the worker use the copy of it already loaded as ``__main__``:
+    importing it again would create a second ``db = SQLAlchemy()`` that the
+    task's functions never see."""
+    if module_name in sys.modules:
+        return
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return
+    if main_file and spec is not None and spec.origin:
+        if os.path.realpath(spec.origin) == os.path.realpath(main_file):
+            sys.modules[module_name] = sys.modules["__main__"]
+
+
+def _standin_restore(spec: AppSpec) -> Flask:
+    app = Flask(
+        spec.import_name,
+        root_path=spec.root_path,
+        template_folder=spec.template_folder,
+        static_folder=spec.static_folder,
+        static_url_path=spec.static_url_path,
+        instance_path=spec.instance_path,
+        host_matching=spec.host_matching,
+        subdomain_matching=spec.subdomain_matching,
+    )
+    if spec.request_class is not None:
+        app.request_class = spec.request_class
+    app.url_map.converters.update(spec.converters)
+    for rule in spec.rules:
+        options = dict(rule)
+        app.url_map.add(Rule(options.pop("string"), **options))
+    return app
