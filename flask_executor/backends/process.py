@@ -144,6 +144,9 @@ class ProcessBackend(Backend):
         elif future.set_running_or_notify_cancel():
             item.started = True
             self._deliver(worker, item)
+        else:  # cancelled already: give the worker back
+            with self._lock:
+                worker.item = None
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
