@@ -290,21 +290,25 @@ class Executor(concurrent.futures.Executor):
             argument cannot be pickled; the message names which.
         :raises RuntimeError: the executor was shut down.
         """
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        app, state = self._app_and_state()
-        return self._submit(app, state, fn, args, kwargs)
+        return self._submit(fn, args, kwargs)
 
     def _submit(
         self,
-        app: Flask,
-        state: _AppState,
         fn: Callable[..., T],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         key: Hashable | None = None,
+        store: bool = False,
         timeout: float | None = None,
     ) -> FutureProxy[T]:
+        """Submit one call; with ``store``, keep its future under ``key``
+        (checked before anything is submitted). Shared by :meth:`submit`,
+        :meth:`submit_stored` and jobs."""
+        if store:
+            self.futures.check_available(key)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        app, state = self._app_and_state()
         backend = self._backend(state)
         future, task = self._prepare(
             app, state, backend, fn, args, kwargs, key=key, timeout=timeout
@@ -312,22 +316,7 @@ class Executor(concurrent.futures.Executor):
         backend.submit(future, task)
         if task_submitted.receivers:
             task_submitted.send(app, future=future, key=key)
-        return future
-
-    def _submit_job(
-        self,
-        job: ExecutorJob[Any, T],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: Hashable | None = None,
-    ) -> FutureProxy[T]:
-        if key is not None:
-            self.futures.check_available(key)
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        app, state = self._app_and_state()
-        future = self._submit(app, state, job._task(), args, kwargs, key, job.timeout)
-        if key is not None:
+        if store:
             self.futures.add(key, future)
         return future
 
@@ -382,13 +371,7 @@ class Executor(concurrent.futures.Executor):
         :raises ValueError: ``future_key`` is taken; raised *before* anything
             is submitted.
         """
-        self.futures.check_available(future_key)
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        app, state = self._app_and_state()
-        future = self._submit(app, state, fn, args, kwargs, future_key)
-        self.futures.add(future_key, future)
-        return future
+        return self._submit(fn, args, kwargs, future_key, store=True)
 
     def map(
         self,

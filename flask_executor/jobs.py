@@ -76,14 +76,16 @@ class ExecutorJob(Generic[P, T]):
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> FutureProxy[T]:
         """Submit the job; see :meth:`Executor.submit <flask_executor.Executor.submit>`."""
-        return self.executor._submit_job(self, args, kwargs)
+        return self.executor._submit(self._task(), args, kwargs, timeout=self.timeout)
 
     def submit_stored(
         self, future_key: Hashable, *args: P.args, **kwargs: P.kwargs
     ) -> FutureProxy[T]:
         """Submit the job and store its future; see :meth:`Executor.submit_stored
         <flask_executor.Executor.submit_stored>`."""
-        return self.executor._submit_job(self, args, kwargs, future_key)
+        return self.executor._submit(
+            self._task(), args, kwargs, future_key, store=True, timeout=self.timeout
+        )
 
     def map(
         self, *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
