@@ -8,6 +8,7 @@ from .errors import (
     BodyNotCapturedError,
     GAttributeNotCopiedError,
     SerializationError,
+    TaskLostError,
     TaskTimeoutError,
     TerminatedWorkerError,
 )
@@ -29,4 +30,5 @@ __all__ = [
     "TaskTimeoutError",
     "TerminatedWorkerError",
     "current_task",
+    "TaskLostError",
 ]

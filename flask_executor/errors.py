@@ -17,6 +17,9 @@ __all__ = [
     "SerializationError",
     "TaskTimeoutError",
     "TerminatedWorkerError",
+    "TaskLostError",
+    "StoreUnavailableError",
+    "StoreSignatureError",
 ]
 
 
@@ -73,4 +76,34 @@ class GAttributeNotCopiedError(AttributeError):
 
     ``"name" in g`` is false for such attributes, so the usual
     ``if "db" not in g: g.db = connect()`` opens a fresh resource in the task.
+    """
+
+
+class TaskLostError(concurrent.futures.BrokenExecutor):
+    """The process that owned a stored task died before the task finished
+    (SIGKILL, OOM, a server's worker timeout or recycling).
+
+    Readers in every other process see the task failed with this error once
+    the owner is known dead (same host, pid gone) or its heartbeat in the
+    shared store is older than a bound. The message names the owner's host
+    name and pid.
+
+    .. versionadded:: 2.0
+    """
+
+
+class StoreUnavailableError(ConnectionError):
+    """The task store (``EXECUTOR_STORE``) could not be reached or used. The
+    message names the store's URL without its password.
+
+    .. versionadded:: 2.0
+    """
+
+
+class StoreSignatureError(ValueError):
+    """A stored result or exception failed its signature check, so it was not
+    unpickled: it was written by someone without this app's ``SECRET_KEY``, or
+    the key changed.
+
+    .. versionadded:: 2.0
     """

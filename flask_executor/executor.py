@@ -34,6 +34,7 @@ from .serialize import copy_filestorage, dumps_call
 from .signals import task_failed, task_finished, task_submitted
 from .snapshot import Snapshot, capture, restore
 from .status import status_blueprint
+from .stores import BaseStore, open_store
 from .tasks import TaskHandle, _current_task
 
 __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
@@ -143,7 +144,8 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_START_METHOD``, ``EXECUTOR_MAX_TASKS_PER_CHILD``,
         ``EXECUTOR_TASK_TIMEOUT``, ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``,
         ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY``,
-        ``EXECUTOR_DASK_ADDRESS`` and ``EXECUTOR_DASK_SECURITY`` (see
+        ``EXECUTOR_DASK_ADDRESS``, ``EXECUTOR_DASK_SECURITY``,
+        ``EXECUTOR_STORE`` and ``EXECUTOR_STORE_NAMESPACE`` (see
         :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
         starts here: pools start on the first submit.
@@ -166,6 +168,8 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_APP_FACTORY": None,
             "EXECUTOR_DASK_ADDRESS": None,
             "EXECUTOR_DASK_SECURITY": None,
+            "EXECUTOR_STORE": "memory",
+            "EXECUTOR_STORE_NAMESPACE": None,
         }
         value = {key: config.setdefault(self._key(key), dflt) for key, dflt in defaults.items()}
 
@@ -211,6 +215,7 @@ class Executor(concurrent.futures.Executor):
         )
         max_length = self._int(value, "EXECUTOR_FUTURES_MAX_LENGTH")
         ttl = self._float(value, "EXECUTOR_FUTURES_TTL")
+        self._open_store(app, value["EXECUTOR_STORE"], value["EXECUTOR_STORE_NAMESPACE"])
         with self._lock:
             self._states[app] = state
             self.app = app
@@ -219,6 +224,18 @@ class Executor(concurrent.futures.Executor):
                 self.futures.max_length = max_length
             self.futures.ttl = ttl
         app.extensions[self.name + "executor"] = self
+
+    def _open_store(self, app: Flask, url: str | BaseStore, namespace: str | None) -> None:
+        """Put :attr:`futures` on the store ``EXECUTOR_STORE`` names; its records
+        are kept apart by app and executor name (or ``EXECUTOR_STORE_NAMESPACE``)."""
+        setting = self._key("EXECUTOR_STORE")
+        current = self.futures.store
+        if isinstance(url, str) and current.url == url.strip() and not current.shared:
+            store = current  # the memory store the collection started with
+        else:
+            namespace = namespace or f"{app.import_name}:{self.name or 'executor'}"
+            store = open_store(url, namespace, app.instance_path, setting)
+        self.futures._use_store(store, lambda: app.config.get("SECRET_KEY"), setting)
 
     def _int(self, values: dict[str, Any], key: str) -> int | None:
         number = self._number(values, key, int, "a whole number")
@@ -304,20 +321,25 @@ class Executor(concurrent.futures.Executor):
         """Submit one call; with ``store``, keep its future under ``key``
         (checked before anything is submitted). Shared by :meth:`submit`,
         :meth:`submit_stored` and jobs."""
-        if store:
-            self.futures.check_available(key)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         app, state = self._app_and_state()
         backend = self._backend(state)
-        future, task = self._prepare(
-            app, state, backend, fn, args, kwargs, key=key, timeout=timeout
-        )
-        backend.submit(future, task)
+        # Claim the key atomically (in every process of a shared store) first.
+        task_id = self.futures._reserve(key, _qualname(fn)) if store else None
+        try:
+            future, task = self._prepare(
+                app, state, backend, fn, args, kwargs, key=key, timeout=timeout
+            )
+            if task_id is not None:
+                self.futures._attach(task_id, future)
+            backend.submit(future, task)
+        except BaseException:
+            if task_id is not None:
+                self.futures._release(task_id)
+            raise
         if task_submitted.receivers:
             task_submitted.send(app, future=future, key=key)
-        if store:
-            self.futures.add(key, future)
         return future
 
     def _prepare(
@@ -523,6 +545,14 @@ def _thread_task(
             _current_task.reset(token)
 
     return task
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a task's callable, for its stored record."""
+    inner = getattr(fn, "job", fn)  # a job behind retries
+    module = getattr(inner, "__module__", None) or ""
+    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    return f"{module}.{name}" if module else name
 
 
 def _send_outcome(app: Flask, key: Hashable | None, future: Future[Any]) -> None:

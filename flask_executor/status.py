@@ -23,19 +23,9 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from .futures import FutureCollection
+from .futures import FutureCollection, future_state
 
 __all__ = ["describe", "status_blueprint"]
-
-
-def _state(future: Future[Any]) -> str:
-    if future.cancelled():
-        return "cancelled"
-    if future.running():
-        return "running"
-    if not future.done():
-        return "pending"
-    return "failed" if future.exception() is not None else "finished"
 
 
 def _json_or_none(value: Any) -> Any:
@@ -48,7 +38,7 @@ def _json_or_none(value: Any) -> Any:
 
 def describe(key: Hashable, future: Future[Any]) -> dict[str, Any]:
     """The JSON-ready status of one future."""
-    state = _state(future)
+    state = future_state(future)
     error = None
     if state == "failed":
         exc = future.exception()

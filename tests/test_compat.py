@@ -120,6 +120,7 @@ def test_all_is_pinned() -> None:
             "BodyNotCapturedError",
             "GAttributeNotCopiedError",
             "current_task",
+            "TaskLostError",
         ]
     )
     assert len(set(flask_executor.__all__)) == len(flask_executor.__all__)

@@ -1,0 +1,178 @@
+"""The reader's side of a shared store: :class:`StoredFuture`, the future of a
+task another process owns, and :class:`Watcher`, the thread that keeps an
+owner's heartbeat and serves cancel requests from other processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Hashable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TaskLostError
+from ..serialize import type_name
+from .base import TaskRecord
+
+if TYPE_CHECKING:
+    from ..futures import FutureCollection
+
+__all__ = ["StoredFuture", "Watcher"]
+
+logger = logging.getLogger("flask_executor")
+
+#: How often an owner looks for cancel requests from other processes.
+CANCEL_POLL = 0.25
+#: Seconds between an owner's heartbeats.
+BEAT_INTERVAL = 3.0
+_LOST_TYPE = type_name(TaskLostError())
+
+
+class StoredFuture(Future[Any]):
+    """The future of a stored task that another process owns, read from the
+    store: :meth:`result` and :meth:`exception` wait for it (polling the store
+    with a growing interval), :meth:`cancel` asks its owner, :attr:`meta`
+    shows its progress. A lost owner makes it fail with
+    :exc:`~flask_executor.TaskLostError`.
+
+    Callbacks added with :meth:`add_done_callback` run when this object sees
+    the task finished (on a call that reads the store), and
+    :func:`concurrent.futures.wait` does not poll the store: call
+    :meth:`result` with a timeout instead.
+
+    .. versionadded:: 2.0
+    """
+
+    def __init__(self, collection: FutureCollection, record: TaskRecord) -> None:
+        super().__init__()
+        self._collection = collection
+        self._record = record
+        self._settle(record)
+
+    @property
+    def key(self) -> Hashable:
+        return self._record.key
+
+    @property
+    def record(self) -> TaskRecord:
+        """The record as last read."""
+        return self._record
+
+    def _settle(self, record: TaskRecord) -> None:
+        if not record.done or Future.done(self):
+            return
+        if record.state == "cancelled":
+            Future.cancel(self)
+            return
+        result, exception = self._collection._decode(record)
+        if exception is not None:
+            self.set_exception(exception)
+        else:
+            self.set_result(result)
+
+    def _refresh(self) -> None:
+        if Future.done(self):
+            return
+        record = self._collection._read_id(self._record.task_id)
+        if record is None:
+            record = self._record.replace(
+                state="failed",
+                error_type=_LOST_TYPE,
+                error_message=(
+                    f"the record of task {self._record.key!r} was removed from the store"
+                    " before the task finished (evicted past EXECUTOR_FUTURES_MAX_LENGTH,"
+                    " or purged)"
+                ),
+            )
+        self._record = record
+        self._settle(record)
+
+    @property
+    def state(self) -> str:
+        """``pending``, ``running``, ``finished``, ``failed`` or ``cancelled``."""
+        self._refresh()
+        if Future.cancelled(self):
+            return "cancelled"
+        if Future.done(self):
+            return "failed" if Future.exception(self, 0) is not None else "finished"
+        return "running" if self._record.state == "running" else "pending"
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The task's meta as last written by its owner."""
+        self._refresh()
+        return dict(self._record.meta)
+
+    def done(self) -> bool:
+        self._refresh()
+        return Future.done(self)
+
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def cancelled(self) -> bool:
+        self._refresh()
+        return Future.cancelled(self)
+
+    def cancel(self) -> bool:
+        """Ask the owning process to cancel the task; ``True`` if it did."""
+        if Future.done(self):
+            return Future.cancelled(self)
+        cancelled = self._collection.cancel(self._record.key)
+        self._refresh()
+        return bool(cancelled) or Future.cancelled(self)
+
+    def _wait(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
+        self._refresh()
+        while not Future.done(self):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise concurrent.futures.TimeoutError()
+                delay = min(delay, left)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.2)
+            self._refresh()
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        return Future.result(self, 0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return Future.exception(self, 0)
+
+
+class Watcher(threading.Thread):
+    """One per store and process: beats the owner's heartbeat and serves
+    cancel requests from other processes."""
+
+    def __init__(self, collection: FutureCollection) -> None:
+        super().__init__(name="flask-executor-store-watcher", daemon=True)
+        self._collection = weakref.ref(collection)
+        self.pid = os.getpid()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        next_beat = 0.0
+        while True:
+            collection = self._collection()
+            if collection is None or collection._watcher is not self:
+                return
+            now = time.monotonic()
+            if now >= next_beat:
+                collection._beat()
+                next_beat = now + BEAT_INTERVAL
+            try:
+                collection._serve_cancels()
+            except Exception as error:
+                logger.warning("%s: cannot read cancel requests: %s", collection.store.url, error)
+            del collection
+            if self.stop.wait(CANCEL_POLL):
+                return
