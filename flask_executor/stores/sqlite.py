@@ -90,16 +90,42 @@ class SQLiteStore(BaseStore):
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
         if conn is not None and local.pid == os.getpid():
             return conn
-        try:
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-        except sqlite3.Error as error:
-            raise StoreUnavailableError(
-                f"cannot open the task store {self.url!r}: {error}"
-            ) from error
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while True:
+            try:
+                conn = self._open()
+                break
+            except sqlite3.OperationalError as error:
+                # Switching to WAL and creating the schema take locks that
+                # SQLite's busy handler does not always wait for: retry.
+                locked = "locked" in str(error) or "busy" in str(error)
+                if not locked or time.monotonic() > deadline:
+                    raise StoreUnavailableError(
+                        f"cannot open the task store {self.url!r}: {error}"
+                    ) from error
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+            except sqlite3.Error as error:
+                raise StoreUnavailableError(
+                    f"cannot open the task store {self.url!r}: {error}"
+                ) from error
         local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            if not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'owners'"
+            ).fetchone():
+                conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     @contextmanager
