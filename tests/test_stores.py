@@ -67,7 +67,8 @@ def executors() -> Iterator[Callable[..., tuple[Any, Executor]]]:
 
 @pytest.fixture
 def spawn_pool() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
-    pool = concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn"))
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(4, mp_context=context)
     yield pool
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -351,7 +352,10 @@ def test_relative_sqlite_path_is_in_the_instance_folder(tmp_path: Path) -> None:
 
 
 def test_importing_flask_executor_does_not_import_redis() -> None:
-    code = "import sys, flask_executor; from flask_executor import stores; print('redis' in sys.modules)"
+    code = (
+        "import sys, flask_executor; from flask_executor import stores;"
+        " print('redis' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "False"
