@@ -26,11 +26,11 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
-from .errors import StoreSignatureError, StoreUnavailableError, TaskLostError
+from .errors import StoreSignatureError, StoreUnavailableError
 from .serialize import type_name
 from .stores.base import CANCEL_REFUSED, BaseStore, TaskRecord
 from .stores.memory import MemoryStore
-from .stores.remote import StoredFuture, Watcher
+from .stores.remote import StoredFuture, Watcher, check_lost, future_state, live_record
 from .stores.signing import Signer, decode_outcome, encode_outcome
 
 __all__ = ["FutureCollection", "FutureProxy", "StoredFuture", "future_state"]
@@ -46,7 +46,6 @@ CANCEL_WAIT = 10.0
 WRITE_ATTEMPTS = 4
 
 _HOST = socket.gethostname()
-_LOST_TYPE = type_name(TaskLostError())
 
 T = TypeVar("T")
 
@@ -157,30 +156,6 @@ class FutureProxy(Future[T], Generic[T]):
         import asyncio
 
         return asyncio.wrap_future(self).__await__()
-
-
-def future_state(future: Future[Any]) -> str:
-    """The state of ``future`` by the status endpoint's names: ``pending``,
-    ``running``, ``finished``, ``failed`` or ``cancelled``."""
-    if isinstance(future, StoredFuture):
-        return future.state
-    if future.cancelled():
-        return "cancelled"
-    if future.running():
-        return "running"
-    if not future.done():
-        return "pending"
-    return "failed" if future.exception() is not None else "finished"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 class FutureCollection:
@@ -329,8 +304,6 @@ class FutureCollection:
                 f"future_key {key!r} already exists in executor.futures;"
                 " pop() it first or use another key"
             )
-        if store.shared:
-            self._ensure_watcher()
         return record.task_id
 
     def _attach(self, task_id: str, future: Future[Any]) -> None:
@@ -340,6 +313,8 @@ class FutureCollection:
             self._local[task_id] = future
             if len(self._local) > 2 * (self.max_length or 50) + 16:
                 self._prune()
+            if self._store.shared:
+                self._ensure_watcher()
         if self._store.shared and isinstance(future, FutureProxy):
             future._listener = functools.partial(self._on_event, task_id)
             if future.running():
@@ -393,13 +368,15 @@ class FutureCollection:
                 time.sleep(0.05 * 2**attempt)
 
     def _ensure_watcher(self) -> None:
+        """Start this process's watcher unless it runs (call with the lock held)."""
         watcher = self._watcher
         if watcher is None or watcher.pid != os.getpid() or not watcher.is_alive():
-            with self._lock:
-                watcher = self._watcher
-                if watcher is None or watcher.pid != os.getpid() or not watcher.is_alive():
-                    self._watcher = Watcher(self)
-                    self._watcher.start()
+            self._watcher = Watcher(self)
+            self._watcher.start()
+
+    def _idle(self) -> bool:
+        """Whether every task this process owns has finished (lock held)."""
+        return all(future.done() for future in self._local.values())
 
     def _beat(self) -> None:
         try:
@@ -410,7 +387,7 @@ class FutureCollection:
     def _serve_cancels(self) -> None:
         """Cancel the tasks other processes asked this owner to cancel."""
         with self._lock:
-            if all(future.done() for future in self._local.values()):
+            if self._idle():
                 return
         for task_id in self._store.cancel_requests(_HOST, os.getpid()):
             future = self._local.get(task_id)
@@ -423,28 +400,7 @@ class FutureCollection:
         """``record``, failed with :exc:`TaskLostError` if its owner is dead."""
         if record.done or not self._store.shared:
             return record
-        host, pid = record.owner_host, record.owner_pid
-        if (host, pid) == (_HOST, os.getpid()):
-            return record
-        now = time.time()
-        reason = None
-        if host == _HOST and not _pid_alive(pid):
-            reason = "that process is gone"
-        else:
-            beat = self._store.last_beat(host, pid)
-            silent = now - (beat if beat is not None else record.submitted_at)
-            if silent > LOST_AFTER:
-                reason = f"no heartbeat from it for {silent:.0f} s"
-        if reason is None:
-            return record
-        message = (
-            f"task {record.key!r} was lost: the process that owned it (host {host!r}, pid"
-            f" {pid}) stopped before the task finished; {reason}"
-        )
-        lost = {"state": "failed", "finished_at": now, "error_type": _LOST_TYPE,
-                "error_message": message}
-        self._store.update(record.task_id, **lost)
-        return record.replace(**lost)
+        return check_lost(self._store, record, LOST_AFTER)
 
     def _read(self, key: Hashable) -> TaskRecord | None:
         if self._store.shared and not isinstance(key, str):
@@ -616,7 +572,7 @@ class FutureCollection:
         for record in self._store.records(limit):
             future = self._local.get(record.task_id)
             if future is not None:
-                record = _live_record(record, future)
+                record = live_record(record, future)
             records.append(self._check_lost(record))
         return records
 
@@ -629,7 +585,7 @@ class FutureCollection:
         if record is None:
             return None
         future = self._local.get(record.task_id)
-        return record if future is None else _live_record(record, future)
+        return record if future is None else live_record(record, future)
 
     def purge(self) -> int:
         """Remove every finished, failed and cancelled task; keep pending and
@@ -652,15 +608,3 @@ class FutureCollection:
             (record.key, self._future(self._check_lost(record)))
             for record in reversed(self._store.records())
         ]
-
-
-def _live_record(record: TaskRecord, future: Future[Any]) -> TaskRecord:
-    """``record`` with the state and meta of the local ``future``."""
-    state = future_state(future)
-    fields: dict[str, Any] = {"state": state}
-    if isinstance(future, FutureProxy):
-        fields["meta"] = future.meta
-    if state == "failed" and record.error_type is None:
-        exc = future.exception()
-        fields.update(error_type=type_name(exc), error_message=str(exc))
-    return record.replace(**fields)

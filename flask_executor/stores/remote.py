@@ -1,12 +1,15 @@
 """The reader's side of a shared store: :class:`StoredFuture`, the future of a
-task another process owns, and :class:`Watcher`, the thread that keeps an
-owner's heartbeat and serves cancel requests from other processes."""
+task another process owns; :func:`check_lost`, which fails the records of
+owners that died; and :class:`Watcher`, the thread that keeps an owner's
+heartbeat and serves cancel requests from other processes while it owns
+unfinished tasks."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -16,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import TaskLostError
 from ..serialize import type_name
-from .base import TaskRecord
+from .base import BaseStore, TaskRecord
 
 if TYPE_CHECKING:
     from ..futures import FutureCollection
 
-__all__ = ["StoredFuture", "Watcher"]
+__all__ = ["StoredFuture", "Watcher", "check_lost", "future_state", "live_record"]
 
 logger = logging.getLogger("flask_executor")
 
@@ -30,6 +33,72 @@ CANCEL_POLL = 0.25
 #: Seconds between an owner's heartbeats.
 BEAT_INTERVAL = 3.0
 _LOST_TYPE = type_name(TaskLostError())
+_HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def check_lost(store: BaseStore, record: TaskRecord, lost_after: float) -> TaskRecord:
+    """``record`` (unfinished), or failed with :exc:`TaskLostError` and so
+    written to the store, if its owner is dead: on this host, its pid is gone;
+    anywhere, its heartbeat is older than ``lost_after`` seconds."""
+    host, pid = record.owner_host, record.owner_pid
+    if (host, pid) == (_HOST, os.getpid()):
+        return record
+    now = time.time()
+    reason = None
+    if host == _HOST and not _pid_alive(pid):
+        reason = "that process is gone"
+    else:
+        # A fresh submission counts as a beat: the owner's watcher may not have beaten yet.
+        beat = max(store.last_beat(host, pid) or 0.0, record.submitted_at)
+        if now - beat > lost_after:
+            reason = f"no heartbeat from it for {now - beat:.0f} s"
+    if reason is None:
+        return record
+    message = (
+        f"task {record.key!r} was lost: the process that owned it (host {host!r}, pid"
+        f" {pid}) stopped before the task finished; {reason}"
+    )
+    lost = {"state": "failed", "finished_at": now, "error_type": _LOST_TYPE,
+            "error_message": message}
+    store.update(record.task_id, **lost)
+    return record.replace(**lost)
+
+
+def future_state(future: Future[Any]) -> str:
+    """The state of ``future`` by the status endpoint's names: ``pending``,
+    ``running``, ``finished``, ``failed`` or ``cancelled``."""
+    if isinstance(future, StoredFuture):
+        return future.state
+    if future.cancelled():
+        return "cancelled"
+    if future.running():
+        return "running"
+    if not future.done():
+        return "pending"
+    return "failed" if future.exception() is not None else "finished"
+
+
+def live_record(record: TaskRecord, future: Future[Any]) -> TaskRecord:
+    """``record`` with the state and meta of the local ``future``."""
+    state = future_state(future)
+    fields: dict[str, Any] = {"state": state}
+    meta = getattr(future, "meta", None)
+    if isinstance(meta, dict):
+        fields["meta"] = meta
+    if state == "failed" and record.error_type is None:
+        exc = future.exception()
+        fields.update(error_type=type_name(exc), error_message=str(exc))
+    return record.replace(**fields)
 
 
 class StoredFuture(Future[Any]):
@@ -150,8 +219,9 @@ class StoredFuture(Future[Any]):
 
 
 class Watcher(threading.Thread):
-    """One per store and process: beats the owner's heartbeat and serves
-    cancel requests from other processes."""
+    """One per store and process while it owns unfinished tasks: beats the
+    owner's heartbeat and serves cancel requests from other processes; it
+    ends when every task it watched is done (the next one starts another)."""
 
     def __init__(self, collection: FutureCollection) -> None:
         super().__init__(name="flask-executor-store-watcher", daemon=True)
@@ -173,6 +243,11 @@ class Watcher(threading.Thread):
                 collection._serve_cancels()
             except Exception as error:
                 logger.warning("%s: cannot read cancel requests: %s", collection.store.url, error)
+            with collection._lock:
+                if collection._idle():
+                    if collection._watcher is self:
+                        collection._watcher = None
+                    return
             del collection
             if self.stop.wait(CANCEL_POLL):
                 return
