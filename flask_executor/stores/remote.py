@@ -177,13 +177,16 @@ class StoredFuture(Future[Any]):
         return dict(self._record.meta)
 
     def done(self) -> bool:
+        """Whether the task finished, failed or was cancelled (reads the store)."""
         self._refresh()
         return Future.done(self)
 
     def running(self) -> bool:
+        """Whether the task is running in its owner (reads the store)."""
         return self.state == "running"
 
     def cancelled(self) -> bool:
+        """Whether the task was cancelled (reads the store)."""
         self._refresh()
         return Future.cancelled(self)
 
@@ -210,10 +213,19 @@ class StoredFuture(Future[Any]):
             self._refresh()
 
     def result(self, timeout: float | None = None) -> Any:
+        """The task's result, waiting up to ``timeout`` seconds (``None``: as long
+        as it takes).
+
+        :raises TimeoutError: not done in time.
+        :raises Exception: what the task raised, or
+            :exc:`~flask_executor.TaskLostError`.
+        """
         self._wait(timeout)
         return Future.result(self, 0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """What the task raised (``None`` if it succeeded), waiting up to
+        ``timeout`` seconds."""
         self._wait(timeout)
         return Future.exception(self, 0)
 
