@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 import pickle
+import select
 import threading
 import traceback
 from multiprocessing.connection import Connection
@@ -92,7 +93,9 @@ def run_call(
         _current_task.reset(token)
     try:
         return ("ok", dumps(result, by_value_main=False))
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a reducer's sys.exit() too: the task's error
         return _error(
             exc, f"the task's return value ({type_name(result)}) could not be pickled"
         )
@@ -137,20 +140,62 @@ def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
     return False, exception
 
 
-def worker_main(conn: Connection, parent_pid: int, log_level: int = logging.WARNING) -> None:
-    """Entry point of a process worker: serve calls until told to stop, the
-    connection closes, or the parent process is gone.
+def worker_main(
+    conn: Connection, log_level: int = logging.WARNING, inherited: tuple[int, ...] = ()
+) -> None:
+    """Entry point of a process worker: serve calls until told to stop or the
+    web process is gone.
+
+    The web process holds the only other end of ``conn``; when that end
+    closes (the web process exited or was killed), a watcher thread ends this
+    process at once, even in the middle of a task, and silently. ``inherited``
+    are the web process's ends of the pool's pipes that a ``fork`` worker got
+    by inheritance: they are released first, or they would keep the pipes
+    open after the web process dies.
 
     It runs in a fresh :mod:`contextvars` context, so a worker forked from a
     thread that had a request pushed never sees that request.
     """
+    _release(inherited)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(conn.fileno(),), name="orphan-watch", daemon=True
+    ).start()
     # Records logged in tasks go to the web process's loggers (at the web
     # process's root level), not to this process's inherited stderr handlers.
     forward_logs(log_level, replace=True)
-    contextvars.Context().run(_serve, conn, parent_pid)
+    contextvars.Context().run(_serve, conn)
 
 
-def _serve(conn: Connection, parent_pid: int) -> None:
+def _release(fds: tuple[int, ...]) -> None:
+    """Point ``fds`` at /dev/null: the pipes they held close, and a stale
+    object that later closes one of these numbers closes nothing of ours."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
+
+
+def _exit_when_orphaned(fd: int) -> None:
+    """Exit the process as soon as the peer of ``fd`` is closed (POLLHUP).
+
+    This watches the pipe, not ``os.getppid()``: a forkserver worker's parent
+    is the fork server, which may outlive the web process (and reading the
+    parent pid races with the kernel's reparenting).
+    """
+    poller = select.poll()
+    poller.register(fd, 0)  # no events asked: only hang-up and errors are reported
+    while True:
+        for _, event in poller.poll():
+            if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                os._exit(0)
+
+
+def _serve(conn: Connection) -> None:
     send_lock = threading.Lock()  # a task's own threads may log too
 
     def send(message: tuple[Any, ...]) -> None:
@@ -165,9 +210,6 @@ def _serve(conn: Connection, parent_pid: int) -> None:
     spec_version = ""
     spec_error: Exception | None = None
     while True:
-        while not conn.poll(1.0):
-            if os.getppid() != parent_pid:
-                return
         try:
             message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):

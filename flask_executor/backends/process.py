@@ -246,9 +246,14 @@ class ProcessBackend(Backend):
 
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
+        # A fork child inherits the web process's end of every pool pipe; it
+        # must release them, or no worker would see the web process die.
+        inherited = ()
+        if self._context.get_start_method() == "fork":
+            inherited = (parent_conn.fileno(), *(w.conn.fileno() for w in self._workers))
         process = self._context.Process(
             target=worker_main,
-            args=(child_conn, os.getpid(), logging.getLogger().getEffectiveLevel()),
+            args=(child_conn, logging.getLogger().getEffectiveLevel(), inherited),
             name="flask-executor-worker",
             daemon=True,
         )
