@@ -24,8 +24,6 @@ from fault_support import (
     SysExitAtPickle,
     getpid,
     pid_is_alive,
-    pid_then_sleep,
-    read_pid,
     return_instance,
 )
 from flask import Flask
