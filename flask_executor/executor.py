@@ -166,6 +166,7 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_APP_FACTORY": None,
             "EXECUTOR_DASK_ADDRESS": None,
             "EXECUTOR_DASK_SECURITY": None,
+            "EXECUTOR_WORKER_INIT": None,
         }
         value = {key: config.setdefault(self._key(key), dflt) for key, dflt in defaults.items()}
 
@@ -198,6 +199,7 @@ class Executor(concurrent.futures.Executor):
             max_tasks_per_child=self._int(value, "EXECUTOR_MAX_TASKS_PER_CHILD"),
             dask_address=value["EXECUTOR_DASK_ADDRESS"],
             dask_security=value["EXECUTOR_DASK_SECURITY"],
+            worker_init=value["EXECUTOR_WORKER_INIT"] or None,
         )
         state = _AppState(
             kind=kind,

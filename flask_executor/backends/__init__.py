@@ -33,6 +33,8 @@ class BackendOptions:
     max_tasks_per_child: int | None = None
     dask_address: str | None = None
     dask_security: Any = None
+    #: ``'pkg.module:function'`` run once in each new worker, in its app context.
+    worker_init: str | None = None
 
 
 @dataclass

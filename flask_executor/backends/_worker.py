@@ -23,7 +23,7 @@ from flask import Flask
 
 from ..appspec import AppSpec, restore_app
 from ..errors import SerializationError
-from ..serialize import dumps, loads, type_name
+from ..serialize import dumps, import_object, loads, type_name
 from ..snapshot import Snapshot, restore
 from ..tasks import Publisher, TaskHandle, _current_task, forward_logs
 
@@ -110,6 +110,28 @@ def _call(
         return app.ensure_sync(fn)(*args, **kwargs)
 
 
+def _initialize(name: str, spec: AppSpec | None, spec_error: Exception | None) -> Outcome | None:
+    """Run the worker initializer ``name`` in the app context of ``spec``;
+    the error outcome if it (or finding it, or building the app) fails."""
+    try:
+        module, _, attr = name.partition(":")
+        if not module or not attr:
+            raise ValueError(
+                f"EXECUTOR_WORKER_INIT must look like 'package.module:function', got {name!r}"
+            )
+        function = import_object(module, attr)
+        if spec is None:
+            raise spec_error or RuntimeError("the worker has no app")
+        app = restore_app(spec)
+        with app.app_context():
+            function()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        return _error(exc)
+    return None
+
+
 def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
     """In the web process: ``(True, result)`` or ``(False, exception)``."""
     # BaseException: a result whose unpickling calls sys.exit() must fail its
@@ -141,7 +163,10 @@ def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
 
 
 def worker_main(
-    conn: Connection, log_level: int = logging.WARNING, inherited: tuple[int, ...] = ()
+    conn: Connection,
+    log_level: int = logging.WARNING,
+    inherited: tuple[int, ...] = (),
+    worker_init: str | None = None,
 ) -> None:
     """Entry point of a process worker: serve calls until told to stop or the
     web process is gone.
@@ -153,6 +178,10 @@ def worker_main(
     by inheritance: they are released first, or they would keep the pipes
     open after the web process dies.
 
+    With ``worker_init`` (``'pkg.module:function'``), the first message is
+    the app spec; the function runs in that app's context before the worker
+    says it is ready. If it raises, the worker reports the error and exits.
+
     It runs in a fresh :mod:`contextvars` context, so a worker forked from a
     thread that had a request pushed never sees that request.
     """
@@ -163,7 +192,7 @@ def worker_main(
     # Records logged in tasks go to the web process's loggers (at the web
     # process's root level), not to this process's inherited stderr handlers.
     forward_logs(log_level, replace=True)
-    contextvars.Context().run(_serve, conn)
+    contextvars.Context().run(_serve, conn, worker_init)
 
 
 def _release(fds: tuple[int, ...]) -> None:
@@ -195,7 +224,7 @@ def _exit_when_orphaned(fd: int) -> None:
                 os._exit(0)
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, worker_init: str | None) -> None:
     send_lock = threading.Lock()  # a task's own threads may log too
 
     def send(message: tuple[Any, ...]) -> None:
@@ -203,12 +232,14 @@ def _serve(conn: Connection) -> None:
         with send_lock:
             conn.send_bytes(data)
 
-    # Task time limits count from here, not from the process start (spawn
-    # workers take a while to import).
-    send(("ready",))
     spec: AppSpec | None = None
     spec_version = ""
     spec_error: Exception | None = None
+    started = worker_init is None
+    if started:
+        # Tasks are given to a worker, and their time limits count, from
+        # here, not from the process start (spawn workers take a while).
+        send(("ready",))
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -223,6 +254,13 @@ def _serve(conn: Connection) -> None:
                 spec, spec_error = loads(message[2]), None
             except Exception as exc:
                 spec, spec_error = None, exc
+            if not started and worker_init is not None:
+                failure = _initialize(worker_init, spec, spec_error)
+                if failure is not None:
+                    send(("init_failed", failure))
+                    return
+                started = True
+                send(("ready",))
             continue
         _, task_id, payload, app_version, push_context, chunked = message
 
