@@ -358,12 +358,15 @@ class _Pool:
                     dropped.append(item)
             starting = sum(1 for w in self._workers if not w.ready)
             wanted = min(len(self._pending) - starting, self._max_workers - len(self._workers))
-            for _ in range(wanted):
-                self._start_worker()
+            errors = [self._start_worker() for _ in range(wanted)]
         for item in dropped:
             _cancel(item.future)
+        for error in errors:
+            if error is not None:
+                self._start_failed(error)
 
-    def _start_worker(self) -> None:
+    def _start_worker(self) -> BaseException | None:
+        """Start a worker (lock held); the error if no process could be started."""
         channel, child_conn = channel_pair()
         # A fork child inherits the web process's end of every pool socket; it
         # must release them, or no worker would see the web process die.
@@ -381,8 +384,17 @@ class _Pool:
             name="flask-executor-worker",
             daemon=True,
         )
-        process.start()
-        child_conn.close()
+        try:
+            process.start()
+        except Exception as exc:  # fork failed (EAGAIN, ENOMEM), exec failed
+            channel.close()
+            error = TerminatedWorkerError(
+                f"a worker process could not be started: {type_name(exc)}: {exc}"
+            )
+            error.__cause__ = exc
+            return error
+        finally:
+            child_conn.close()
         worker = _Worker(process, channel)
         self._workers.append(worker)
         self._selector.register(channel, selectors.EVENT_READ, ("conn", worker))
@@ -393,6 +405,7 @@ class _Pool:
                 self._send_app(worker, self._pending[0].task)
             except OSError:
                 pass  # it died already; its sentinel says so
+        return None
 
     def _forget(self, worker: _Worker) -> None:
         """Remove ``worker`` from the pool (its process is ended or ending)."""
