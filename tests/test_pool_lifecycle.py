@@ -440,3 +440,71 @@ def test_failing_worker_init_fails_tasks_naming_it_and_does_not_loop(
     time.sleep(1.5)  # nothing keeps starting workers
     assert log.read_text(encoding="utf-8").split() == attempts
     assert not any(pid_is_alive(int(pid)) for pid in attempts)
+
+
+# -- 8. scripts without a main guard ------------------------------------------------------------
+
+NO_MAIN_GUARD = """
+    import sys
+    from flask import Flask
+    from flask_executor import Executor
+
+    app = Flask(__name__)
+    app.config.update(
+        EXECUTOR_TYPE="process", EXECUTOR_START_METHOD=sys.argv[1], EXECUTOR_MAX_WORKERS=1
+    )
+    executor = Executor(app)
+
+
+    def double(x):
+        return 2 * x
+
+
+    try:
+        print("result", executor.submit(double, 21).result(timeout=30), flush=True)
+    except RuntimeError as exc:
+        print("error", exc, flush=True)
+    executor.shutdown()
+"""
+
+WITH_MAIN_GUARD = """
+    import sys
+    from flask import Flask
+    from flask_executor import Executor
+
+    app = Flask(__name__)
+    app.config.update(
+        EXECUTOR_TYPE="process", EXECUTOR_START_METHOD=sys.argv[1], EXECUTOR_MAX_WORKERS=1
+    )
+    executor = Executor(app)
+
+
+    def double(x):
+        return 2 * x
+
+
+    if __name__ == "__main__":
+        print("result", executor.submit(double, 21).result(timeout=30), flush=True)
+        executor.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_script_without_main_guard(tmp_path: Path, start_method: str) -> None:
+    script = run_script(tmp_path, NO_MAIN_GUARD, start_method)
+    out, err = script.communicate(timeout=WAIT * 2)
+    assert script.returncode == 0, err
+    assert "Traceback" not in err, err
+    if start_method == "fork":  # workers never run the script: it works as with 1.0
+        assert out.strip() == "result 42"
+    else:  # the first submit() says what to change
+        assert out.startswith("error "), out
+        assert 'if __name__ == "__main__":' in out and "script.py, line 18:" in out, out
+        assert "EXECUTOR_START_METHOD = 'fork'" in out
+
+
+@pytest.mark.slow
+def test_script_with_main_guard_works(tmp_path: Path, start_method: str) -> None:
+    script = run_script(tmp_path, WITH_MAIN_GUARD, start_method)
+    out, err = script.communicate(timeout=WAIT * 2)
+    assert (script.returncode, out.strip()) == (0, "result 42"), err

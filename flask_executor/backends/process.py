@@ -16,31 +16,13 @@ How work flows::
     socket's other end closes (the web process is gone), whatever it is doing
 
 Each worker has its own socket pair and runs one task at a time, so the
-dispatcher always knows which task a worker is running. That is what the
-standard :class:`~concurrent.futures.ProcessPoolExecutor` cannot offer, and
-what makes the failure semantics local:
-
-* a worker that dies (exit, signal, segfault) fails only the task it was
-  running, with :exc:`~flask_executor.TerminatedWorkerError`; a replacement
-  starts when there is work for it;
-* a task is ``running()`` from the moment a worker that is up has it, and its
-  ``EXECUTOR_TASK_TIMEOUT`` counts from then; past it, the worker is killed
-  and the task fails with :exc:`~flask_executor.TaskTimeoutError`;
-* a worker that does not come up within :data:`WORKER_START_TIMEOUT` (or whose
-  ``EXECUTOR_WORKER_INIT`` raises) is replaced; the waiting tasks fail only
-  after :data:`START_ATTEMPTS` failed starts in a row, with the last error;
-* ``future.cancel()`` on a running task kills its worker;
-* with ``EXECUTOR_MAX_TASKS_PER_CHILD`` the dispatcher retires a worker after
-  its N-th result (no in-worker exit race, cf. CPython gh-115634);
-* no thread ever blocks on a worker: the web process's ends of the sockets are
-  non-blocking (:mod:`._channel`), so a frozen worker (SIGSTOP) holds up only
-  its own task;
-* workers live as long as the pool; when the web process dies they exit
-  within moments (they watch their socket, not the parent pid);
-* ``shutdown(timeout=...)`` waits that long for running tasks, then kills
-  their workers and fails them; tasks that never started are cancelled;
-* the app spec (config and routes) is sent to a worker only when its version
-  changed, so per-task traffic does not grow with the config.
+dispatcher always knows which task a worker is running: a worker that dies
+fails only that task, a task past its time limit or cancelled while running
+has its worker killed, and the pool starts replacements as work needs them.
+No thread ever blocks on a worker (the web process's ends of the sockets are
+non-blocking, see :mod:`._channel`). Workers live as long as the pool and exit
+when the web process dies. The whole behaviour is described in
+``docs/reliability.rst``.
 
 The backend object is only a front: the dispatcher thread holds the pool
 (:class:`_Pool`), never the :class:`ProcessBackend`, so a backend nobody
@@ -56,7 +38,6 @@ import multiprocessing
 import os
 import pickle
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -72,6 +53,7 @@ from ..serialize import type_name
 from ..tasks import log_record_restore
 from . import Backend, BackendOptions, PickledTask, settle
 from ._channel import Channel, channel_pair
+from ._start import check_main_guard, death_message, default_start_method, how_it_ended
 from ._worker import rebuild_outcome, worker_main
 
 __all__ = ["START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend", "default_start_method"]
@@ -88,13 +70,6 @@ START_ATTEMPTS = 3
 _STOP_GRACE = 5.0
 
 
-def default_start_method() -> str:
-    """``forkserver`` where the platform has it, else ``spawn``: never
-    ``fork``, which is unsafe in a multi-threaded web server."""
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else "spawn"
-
-
 class _WorkItem:
     __slots__ = ("future", "task", "task_id", "started", "deadline")
 
@@ -108,18 +83,8 @@ class _WorkItem:
 
 
 class _Worker:
-    __slots__ = (
-        "process",
-        "channel",
-        "item",
-        "tasks_done",
-        "app_version",
-        "ready",
-        "broken",
-        "start_deadline",
-        "failure",
-        "events",
-    )
+    __slots__ = ("process", "channel", "item", "tasks_done", "app_version", "ready", "broken",
+                 "start_deadline", "failure", "events")  # fmt: skip
 
     def __init__(self, process: Any, channel: Channel) -> None:
         self.process = process
@@ -172,6 +137,7 @@ class _Pool:
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
         method = options.start_method or default_start_method()
+        check_main_guard(method)  # pools start in the first submit(): fail it, clearly
         self._context: Any = multiprocessing.get_context(method)
         self._max_workers = options.max_workers or os.cpu_count() or 1
         self._lock = threading.RLock()
@@ -532,13 +498,13 @@ class _Pool:
             worker.channel.close()
             item, worker.item = worker.item, None
         if item is not None:
-            settle(item.future, exception=TerminatedWorkerError(_death_message(worker.process)))
+            settle(item.future, exception=TerminatedWorkerError(death_message(worker.process)))
         elif not worker.ready:
             self._start_failed(
                 worker.failure
                 or TerminatedWorkerError(
                     f"a worker process (pid {worker.process.pid})"
-                    f" {_how_it_ended(worker.process)} while starting, before it took a task"
+                    f" {how_it_ended(worker.process)} while starting, before it took a task"
                 )
             )
 
@@ -654,23 +620,3 @@ def _cancel(future: FutureProxy[Any]) -> None:
     with future._condition:
         if future._state == CANCELLED:
             future.set_running_or_notify_cancel()
-
-
-def _how_it_ended(process: Any) -> str:
-    code = process.exitcode
-    if code is None:
-        return "stopped responding"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} (exit code {code})"
-    return f"exited with code {code}"
-
-
-def _death_message(process: Any) -> str:
-    return (
-        f"the worker process (pid {process.pid}) running this task {_how_it_ended(process)};"
-        " only this task failed, a replacement worker starts for the others"
-    )
