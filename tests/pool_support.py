@@ -8,9 +8,9 @@ import os
 import signal
 import struct
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
+from fault_support import write_pid
 from flask import current_app
 
 #: What ``init_worker`` saw, in this worker process.
@@ -50,6 +50,6 @@ def freeze_mid_message(pid_path: str) -> None:
     conns = [o for o in gc.get_objects() if isinstance(o, Connection) and not o.closed]
     if len(conns) != 1:
         raise RuntimeError(f"expected the worker's one connection, found {len(conns)}")
-    Path(pid_path).write_text(str(os.getpid()), encoding="utf-8")
+    write_pid(pid_path)
     os.write(conns[0].fileno(), struct.pack("!i", 1 << 20) + b"x" * 1000)
     os.kill(os.getpid(), signal.SIGSTOP)
