@@ -170,6 +170,7 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_DASK_SECURITY": None,
             "EXECUTOR_STORE": "memory",
             "EXECUTOR_STORE_NAMESPACE": None,
+            "EXECUTOR_WORKER_INIT": None,
         }
         value = {key: config.setdefault(self._key(key), dflt) for key, dflt in defaults.items()}
 
@@ -202,6 +203,7 @@ class Executor(concurrent.futures.Executor):
             max_tasks_per_child=self._int(value, "EXECUTOR_MAX_TASKS_PER_CHILD"),
             dask_address=value["EXECUTOR_DASK_ADDRESS"],
             dask_security=value["EXECUTOR_DASK_SECURITY"],
+            worker_init=value["EXECUTOR_WORKER_INIT"] or None,
         )
         state = _AppState(
             kind=kind,

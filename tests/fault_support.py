@@ -106,6 +106,11 @@ class ExitAtPickle:
         raise AssertionError("unreachable")
 
 
+class SysExitAtPickle:
+    def __reduce__(self) -> Any:
+        sys.exit(7)
+
+
 class CrashAtPickle:
     def __reduce__(self) -> Any:
         kill_self(int(signal.SIGKILL))

@@ -39,6 +39,7 @@ from fault_support import (
     ExitAtPickle,
     ExitAtUnpickle,
     FaultError,
+    SysExitAtPickle,
     SysExitAtUnpickle,
     exit_now,
     identity,
@@ -200,6 +201,16 @@ FAULTS = [
         (ExitAtPickle,),
         raises=TerminatedWorkerError,
         message=("exited with code 4",),
+    ),
+    Fault(
+        # SystemExit from a reducer is the task's error, as an exception would be; the
+        # worker lives on (tests/test_pool_lifecycle.py checks its pid).
+        "sys-exit-at-result-pickle",
+        return_instance,
+        (SysExitAtPickle,),
+        raises=SerializationError,
+        message=("return value", "could not be pickled", "SystemExit"),
+        subset=True,
     ),
     Fault(
         "crash-at-result-pickle",

@@ -8,6 +8,7 @@ pickled payload (``pickles = True``). Each completes the
 from __future__ import annotations
 
 import atexit
+import logging
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -18,6 +19,8 @@ from typing import Any
 from ..futures import FutureProxy
 
 __all__ = ["Backend", "BackendOptions", "PickledTask"]
+
+logger = logging.getLogger("flask_executor")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class BackendOptions:
     max_tasks_per_child: int | None = None
     dask_address: str | None = None
     dask_security: Any = None
+    #: ``'pkg.module:function'`` run once in each new worker, in its app context.
+    worker_init: str | None = None
 
 
 @dataclass
@@ -125,12 +130,25 @@ def complete(future: FutureProxy[Any], call: Callable[[], Any]) -> None:
 def settle(
     future: FutureProxy[Any], result: Any = None, exception: BaseException | None = None
 ) -> bool:
-    """Complete ``future`` unless it already is; ``False`` if it was."""
-    try:
-        if exception is not None:
-            future.set_exception(exception)
-        else:
-            future.set_result(result)
-    except InvalidStateError:
-        return False
+    """Complete ``future`` unless it already is; ``False`` if it was.
+
+    Its done callbacks run here, each guarded: whatever one raises, even
+    ``SystemExit``, is logged and the next one runs, so a callback can never
+    break the worker thread or dispatcher that settles futures.
+    """
+    with future._condition:  # add_done_callback waits while the callbacks are taken
+        callbacks, future._done_callbacks = future._done_callbacks, []  # type: ignore[attr-defined]
+        try:
+            if exception is not None:
+                future.set_exception(exception)
+            else:
+                future.set_result(result)
+        except InvalidStateError:
+            future._done_callbacks[:0] = callbacks  # type: ignore[attr-defined]
+            return False
+    for callback in callbacks:
+        try:
+            callback(future)
+        except BaseException:
+            logger.exception("a done callback of %r raised", future)
     return True

@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 import pickle
+import select
 import threading
 import traceback
 from multiprocessing.connection import Connection
@@ -22,7 +23,7 @@ from flask import Flask
 
 from ..appspec import AppSpec, restore_app
 from ..errors import SerializationError
-from ..serialize import dumps, loads, type_name
+from ..serialize import dumps, import_object, loads, type_name
 from ..snapshot import Snapshot, restore
 from ..tasks import Publisher, TaskHandle, _current_task, forward_logs
 
@@ -92,7 +93,9 @@ def run_call(
         _current_task.reset(token)
     try:
         return ("ok", dumps(result, by_value_main=False))
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a reducer's sys.exit() too: the task's error
         return _error(
             exc, f"the task's return value ({type_name(result)}) could not be pickled"
         )
@@ -105,6 +108,28 @@ def _call(
         return fn(*args, **kwargs)
     with restore(app, snap):
         return app.ensure_sync(fn)(*args, **kwargs)
+
+
+def _initialize(name: str, spec: AppSpec | None, spec_error: Exception | None) -> Outcome | None:
+    """Run the worker initializer ``name`` in the app context of ``spec``;
+    the error outcome if it (or finding it, or building the app) fails."""
+    try:
+        module, _, attr = name.partition(":")
+        if not module or not attr:
+            raise ValueError(
+                f"EXECUTOR_WORKER_INIT must look like 'package.module:function', got {name!r}"
+            )
+        function = import_object(module, attr)
+        if spec is None:
+            raise spec_error or RuntimeError("the worker has no app")
+        app = restore_app(spec)
+        with app.app_context():
+            function()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        return _error(exc)
+    return None
 
 
 def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
@@ -137,20 +162,69 @@ def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
     return False, exception
 
 
-def worker_main(conn: Connection, parent_pid: int, log_level: int = logging.WARNING) -> None:
-    """Entry point of a process worker: serve calls until told to stop, the
-    connection closes, or the parent process is gone.
+def worker_main(
+    conn: Connection,
+    log_level: int = logging.WARNING,
+    inherited: tuple[int, ...] = (),
+    worker_init: str | None = None,
+) -> None:
+    """Entry point of a process worker: serve calls until told to stop or the
+    web process is gone.
+
+    The web process holds the only other end of ``conn``; when that end
+    closes (the web process exited or was killed), a watcher thread ends this
+    process at once, even in the middle of a task, and silently. ``inherited``
+    are the web process's ends of the pool's pipes that a ``fork`` worker got
+    by inheritance: they are released first, or they would keep the pipes
+    open after the web process dies.
+
+    With ``worker_init`` (``'pkg.module:function'``), the first message is
+    the app spec; the function runs in that app's context before the worker
+    says it is ready. If it raises, the worker reports the error and exits.
 
     It runs in a fresh :mod:`contextvars` context, so a worker forked from a
     thread that had a request pushed never sees that request.
     """
+    _release(inherited)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(conn.fileno(),), name="orphan-watch", daemon=True
+    ).start()
     # Records logged in tasks go to the web process's loggers (at the web
     # process's root level), not to this process's inherited stderr handlers.
     forward_logs(log_level, replace=True)
-    contextvars.Context().run(_serve, conn, parent_pid)
+    contextvars.Context().run(_serve, conn, worker_init)
 
 
-def _serve(conn: Connection, parent_pid: int) -> None:
+def _release(fds: tuple[int, ...]) -> None:
+    """Point ``fds`` at /dev/null: the pipes they held close, and a stale
+    object that later closes one of these numbers closes nothing of ours."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
+
+
+def _exit_when_orphaned(fd: int) -> None:
+    """Exit the process as soon as the peer of ``fd`` is closed (POLLHUP).
+
+    This watches the pipe, not ``os.getppid()``: a forkserver worker's parent
+    is the fork server, which may outlive the web process (and reading the
+    parent pid races with the kernel's reparenting).
+    """
+    poller = select.poll()
+    poller.register(fd, 0)  # no events asked: only hang-up and errors are reported
+    while True:
+        for _, event in poller.poll():
+            if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                os._exit(0)
+
+
+def _serve(conn: Connection, worker_init: str | None) -> None:
     send_lock = threading.Lock()  # a task's own threads may log too
 
     def send(message: tuple[Any, ...]) -> None:
@@ -158,16 +232,15 @@ def _serve(conn: Connection, parent_pid: int) -> None:
         with send_lock:
             conn.send_bytes(data)
 
-    # Task time limits count from here, not from the process start (spawn
-    # workers take a while to import).
-    send(("ready",))
     spec: AppSpec | None = None
     spec_version = ""
     spec_error: Exception | None = None
+    started = worker_init is None
+    if started:
+        # Tasks are given to a worker, and their time limits count, from
+        # here, not from the process start (spawn workers take a while).
+        send(("ready",))
     while True:
-        while not conn.poll(1.0):
-            if os.getppid() != parent_pid:
-                return
         try:
             message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
@@ -181,6 +254,13 @@ def _serve(conn: Connection, parent_pid: int) -> None:
                 spec, spec_error = loads(message[2]), None
             except Exception as exc:
                 spec, spec_error = None, exc
+            if not started and worker_init is not None:
+                failure = _initialize(worker_init, spec, spec_error)
+                if failure is not None:
+                    send(("init_failed", failure))
+                    return
+                started = True
+                send(("ready",))
             continue
         _, task_id, payload, app_version, push_context, chunked = message
 

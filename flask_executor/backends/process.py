@@ -2,72 +2,72 @@
 
 How work flows::
 
-    submit() ─── idle worker that is up? ──────────── pipe ───────▶ worker 1..N
-    (caller)  └─ else: pending deque ──wake──▶ dispatcher thread ─▶  run_call():
-                 (_WorkItem)                   assigns one task per   unpickle, restore
-                                               idle worker, watches   context, run,
-    FutureProxy ◀── result / error ◀────────── pipes, sentinels and ◀ pickle outcome
-    completed                                  deadlines
+    submit() ── idle worker that is up? ── yes ─▶ Channel ═══ socket pair ═══▶ worker 1..N
+    (caller)    │ no                         (non-blocking;                   _serve():
+                ▼                             queued bytes wait)              ("ready")
+             pending deque ─wake─▶ dispatcher thread                          unpickle,
+             (_WorkItem)           · starts workers, one per waiting task     restore context,
+                                   · gives a task to a worker once it is up   run, pickle
+    FutureProxy ◀─ settle() ◀───── · reads results as bytes arrive  ◀════════ ("done", outcome)
+    (callbacks guarded)            · watches sentinels, task deadlines,
+                                     start-up deadlines, the shutdown deadline
 
-Each worker has its own duplex pipe and runs one task at a time, so the
-dispatcher always knows which task a worker is running. That is what the
-standard :class:`~concurrent.futures.ProcessPoolExecutor` cannot offer, and
-what makes the failure semantics local:
+    the worker's orphan watch: a thread that exits the process the moment its
+    socket's other end closes (the web process is gone), whatever it is doing
 
-* a worker that dies (exit, signal, segfault) fails only the task it was
-  running, with :exc:`~flask_executor.TerminatedWorkerError`; a replacement
-  starts when there is work for it;
-* a task past ``EXECUTOR_TASK_TIMEOUT`` has its worker killed and fails with
-  :exc:`~flask_executor.TaskTimeoutError`;
-* ``future.cancel()`` on a running task kills its worker;
-* with ``EXECUTOR_MAX_TASKS_PER_CHILD`` the dispatcher retires a worker after
-  its N-th result (no in-worker exit race, cf. CPython gh-115634);
-* the app spec (config and routes) is sent to a worker only when its version
-  changed, so per-task traffic does not grow with the config.
+Each worker has its own socket pair and runs one task at a time, so the
+dispatcher always knows which task a worker is running: a worker that dies
+fails only that task, a task past its time limit or cancelled while running
+has its worker killed, and the pool starts replacements as work needs them.
+No thread ever blocks on a worker (the web process's ends of the sockets are
+non-blocking, see :mod:`._channel`). Workers live as long as the pool and exit
+when the web process dies. The whole behaviour is described in
+``docs/reliability.rst``.
 
-Workers are started lazily, on demand, from the dispatcher thread. A task
-submitted while a started worker is idle goes straight down that worker's pipe
-from the submitting thread (the worker is reserved under the pool's lock),
-saving the hop through the dispatcher; everything else (queueing, results,
-deaths, deadlines, retirement) stays with the dispatcher.
+The backend object is only a front: the dispatcher thread holds the pool
+(:class:`_Pool`), never the :class:`ProcessBackend`, so a backend nobody
+references any more is collected and its finalizer winds the pool down.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import multiprocessing
 import os
 import pickle
 import selectors
-import signal
 import socket
 import threading
 import time
+import weakref
 from collections import deque
+from concurrent.futures._base import CANCELLED
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing.connection import Connection
 from typing import Any
 
 from ..errors import TaskTimeoutError, TerminatedWorkerError
 from ..futures import FutureProxy
+from ..serialize import type_name
 from ..tasks import log_record_restore
 from . import Backend, BackendOptions, PickledTask, settle
+from ._channel import Channel, channel_pair
+from ._start import check_main_guard, death_message, default_start_method, how_it_ended
 from ._worker import rebuild_outcome, worker_main
 
-__all__ = ["ProcessBackend", "default_start_method"]
+__all__ = ["START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend", "default_start_method"]
 
 logger = logging.getLogger("flask_executor")
 
+#: Seconds a new worker may take to come up (start the interpreter, import,
+#: run ``EXECUTOR_WORKER_INIT``) before it is killed and replaced.
+WORKER_START_TIMEOUT = 60.0
+#: Failed worker starts in a row after which the tasks waiting for a worker
+#: fail with the last start error (the next task tries again).
+START_ATTEMPTS = 3
 #: How long a stopping worker may take before it is killed, in seconds.
 _STOP_GRACE = 5.0
-
-
-def default_start_method() -> str:
-    """``forkserver`` where the platform has it, else ``spawn``: never
-    ``fork``, which is unsafe in a multi-threaded web server."""
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else "spawn"
 
 
 class _WorkItem:
@@ -77,21 +77,29 @@ class _WorkItem:
         self.future = future
         self.task = task
         self.task_id = task_id
+        #: The future was marked running (a redelivered task keeps that).
         self.started = False
         self.deadline: float | None = None
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "item", "tasks_done", "app_version", "ready")
+    __slots__ = ("process", "channel", "item", "tasks_done", "app_version", "ready", "broken",
+                 "start_deadline", "failure", "events")  # fmt: skip
 
-    def __init__(self, process: Any, conn: Connection) -> None:
+    def __init__(self, process: Any, channel: Channel) -> None:
         self.process = process
-        self.conn = conn
+        self.channel = channel
         self.item: _WorkItem | None = None
         self.tasks_done = 0
         self.app_version = ""
-        #: The worker said it is up; task time limits start counting then.
+        #: The worker said it is up: only then does it get tasks.
         self.ready = False
+        #: Its socket failed: never give it a task; its sentinel follows.
+        self.broken = False
+        self.start_deadline = time.monotonic() + WORKER_START_TIMEOUT
+        #: Why it failed to start, when it said so (its initializer raised).
+        self.failure: BaseException | None = None
+        self.events = selectors.EVENT_READ
 
 
 class ProcessBackend(Backend):
@@ -102,7 +110,34 @@ class ProcessBackend(Backend):
 
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
+        self._pool = _Pool(options)
+        # Dropped without shutdown(): finish what was submitted, then stop.
+        # (At interpreter exit the backends' own exit hook does it, waiting.)
+        weakref.finalize(self, self._pool.shutdown, False).atexit = False
+
+    def submit(self, future: FutureProxy[Any], task: PickledTask) -> None:
+        self._pool.submit(future, task)
+
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
+        """Stop accepting tasks; see :meth:`concurrent.futures.Executor.shutdown`.
+
+        :param timeout: seconds the running tasks get to finish; then their
+            workers are killed and their futures fail with
+            :exc:`~flask_executor.TerminatedWorkerError`, and tasks that did
+            not start are cancelled. ``None``: wait for all of them.
+        """
+        self._pool.shutdown(wait, cancel_futures=cancel_futures, timeout=timeout)
+
+
+class _Pool:
+    """The workers, the queue and the dispatcher thread of one backend."""
+
+    def __init__(self, options: BackendOptions) -> None:
+        self.options = options
         method = options.start_method or default_start_method()
+        check_main_guard(method)  # pools start in the first submit(): fail it, clearly
         self._context: Any = multiprocessing.get_context(method)
         self._max_workers = options.max_workers or os.cpu_count() or 1
         self._lock = threading.RLock()
@@ -110,7 +145,11 @@ class ProcessBackend(Backend):
         self._stop_requests: deque[_WorkItem] = deque()
         self._ids = itertools.count()
         self._shutdown = False
+        #: When a shutdown with a timeout stops waiting for running tasks.
+        self._stop_at: float | None = None
+        self._stop_timeout = 0.0
         self._broken = ""
+        self._failed_starts = 0
         self._thread: threading.Thread | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_writer.setblocking(False)
@@ -128,33 +167,41 @@ class ProcessBackend(Backend):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             item = _WorkItem(future, task, next(self._ids))
-            future._stop_running = lambda: self._request_stop(item)
+            future._stop_running = functools.partial(self._request_stop, item)
             # An idle worker that is up takes the task straight from this
             # thread: one thread hop less than going through the dispatcher.
-            worker = None if self._pending else self._claim(item, start=False)
+            worker = None if self._pending else self._idle_worker(item)
             if worker is None:
                 self._pending.append(item)
+                wake = True
+            else:
+                self._give(worker, item)
+                wake = item.deadline is not None or worker.channel.sending
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._dispatch, name="flask-executor-dispatcher", daemon=True
                 )
                 self._thread.start()
-        if worker is None:
+        if wake:  # a task to place, a deadline to watch, or bytes to flush
             self._wake()
-        elif future.set_running_or_notify_cancel():
-            item.started = True
-            self._deliver(worker, item)
-        else:  # cancelled already: give the worker back
-            with self._lock:
-                worker.item = None
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
         with self._lock:
             self._shutdown = True
+            dropped = list(self._pending) if cancel_futures else []
             if cancel_futures:
-                while self._pending:
-                    self._pending.popleft().future.cancel()
+                self._pending.clear()
+            if timeout is not None:
+                stop_at = time.monotonic() + max(0.0, timeout)
+                if self._stop_at is None or stop_at < self._stop_at:
+                    self._stop_at, self._stop_timeout = stop_at, timeout
             thread = self._thread
+            if thread is None:
+                self._close()
+        for item in dropped:
+            _cancel(item.future)
         self._wake()
         if thread is not None and wait and thread is not threading.current_thread():
             thread.join()
@@ -166,8 +213,62 @@ class ProcessBackend(Backend):
     def _wake(self) -> None:
         try:
             self._wake_writer.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (the dispatcher will wake) or closed
+        except OSError:
+            pass  # the socket is full (the dispatcher will wake) or closed
+
+    # -- handing out tasks (any thread, lock held) --------------------------------
+
+    def _idle_worker(self, item: _WorkItem) -> _Worker | None:
+        """An idle worker that is up, preferring one that has the task's app."""
+        idle = [w for w in self._workers if w.item is None and w.ready and not w.broken]
+        for worker in idle:
+            if worker.app_version == item.task.app_version:
+                return worker
+        return idle[0] if idle else None
+
+    def _give(self, worker: _Worker, item: _WorkItem) -> bool:
+        """Start ``item`` on ``worker``; ``False`` if it was cancelled.
+
+        The future is running from here and its time limit starts now. If the
+        worker's socket is already closed (it died before it got the task),
+        the task goes back to the front of the queue: it never ran.
+        """
+        if not item.started:
+            if not item.future.set_running_or_notify_cancel():
+                return False
+            item.started = True
+        worker.item = item
+        task = item.task
+        try:
+            if task.push_context and worker.app_version != task.app_version:
+                self._send_app(worker, task)
+            worker.channel.send(
+                pickle.dumps(
+                    (
+                        "call",
+                        item.task_id,
+                        task.payload,
+                        task.app_version,
+                        task.push_context,
+                        task.chunked,
+                    ),
+                    pickle.HIGHEST_PROTOCOL,
+                )
+            )
+        except OSError:
+            worker.broken = True
+            worker.item = None
+            self._pending.appendleft(item)
+            return True
+        timeout = item.future._task_timeout or self.options.task_timeout
+        item.deadline = time.monotonic() + timeout if timeout else None
+        return True
+
+    def _send_app(self, worker: _Worker, task: PickledTask) -> None:
+        worker.channel.send(
+            pickle.dumps(("app", task.app_version, task.app_spec), pickle.HIGHEST_PROTOCOL)
+        )
+        worker.app_version = task.app_version
 
     # -- dispatcher thread ---------------------------------------------------------
 
@@ -183,8 +284,7 @@ class ProcessBackend(Backend):
                 self._enforce_deadlines()
                 self._handle_stop_requests()
         except BaseException as exc:
-            # A bug, or a done callback raising SystemExit: never leave callers
-            # waiting on futures nobody will complete.
+            # A bug: never leave callers waiting on futures nobody will complete.
             self._break(exc)
             logger.error("flask-executor's process dispatcher failed", exc_info=exc)
         finally:
@@ -208,57 +308,70 @@ class ProcessBackend(Backend):
             )
 
     def _assign(self) -> None:
-        while True:
-            with self._lock:
-                if not self._pending:
-                    return
+        """Give waiting tasks to idle workers; start workers for the rest."""
+        dropped = []
+        with self._lock:
+            while self._pending:
                 item = self._pending[0]
                 if item.future.cancelled():
-                    self._pending.popleft()
+                    dropped.append(self._pending.popleft())
                     continue
-                worker = self._claim(item, start=True)
+                worker = self._idle_worker(item)
                 if worker is None:
-                    return
+                    break
                 self._pending.popleft()
-            if not item.started:
-                if not item.future.set_running_or_notify_cancel():
-                    with self._lock:
-                        worker.item = None
-                    continue
-                item.started = True
-            self._deliver(worker, item)
+                if not self._give(worker, item):
+                    dropped.append(item)
+            starting = sum(1 for w in self._workers if not w.ready)
+            wanted = min(len(self._pending) - starting, self._max_workers - len(self._workers))
+            errors = [self._start_worker() for _ in range(wanted)]
+        for item in dropped:
+            _cancel(item.future)
+        for error in errors:
+            if error is not None:
+                self._start_failed(error)
 
-    def _claim(self, item: _WorkItem, start: bool) -> _Worker | None:
-        """Reserve an idle worker for ``item`` (call with the lock held).
-
-        From the caller's thread (``start=False``) only a worker that is up
-        qualifies; the dispatcher may also start a new one.
-        """
-        idle = [w for w in self._workers if w.item is None and (start or w.ready)]
-        worker = next((w for w in idle if w.app_version == item.task.app_version), None)
-        if worker is None and idle:
-            worker = idle[0]
-        if worker is None and start and len(self._workers) < self._max_workers:
-            worker = self._start_worker()
-        if worker is not None:
-            worker.item = item
-        return worker
-
-    def _start_worker(self) -> _Worker:
-        parent_conn, child_conn = self._context.Pipe(duplex=True)
+    def _start_worker(self) -> BaseException | None:
+        """Start a worker (lock held); the error if no process could be started."""
+        channel, child_conn = channel_pair()
+        # A fork child inherits the web process's end of every pool socket; it
+        # must release them, or no worker would see the web process die.
+        inherited: tuple[int, ...] = ()
+        if self._context.get_start_method() == "fork":
+            inherited = (channel.fileno(), *(w.channel.fileno() for w in self._workers))
         process = self._context.Process(
             target=worker_main,
-            args=(child_conn, os.getpid(), logging.getLogger().getEffectiveLevel()),
+            args=(
+                child_conn,
+                logging.getLogger().getEffectiveLevel(),
+                inherited,
+                self.options.worker_init,
+            ),
             name="flask-executor-worker",
             daemon=True,
         )
-        process.start()
-        child_conn.close()
-        worker = _Worker(process, parent_conn)
+        try:
+            process.start()
+        except Exception as exc:  # fork failed (EAGAIN, ENOMEM), exec failed
+            channel.close()
+            error = TerminatedWorkerError(
+                f"a worker process could not be started: {type_name(exc)}: {exc}"
+            )
+            error.__cause__ = exc
+            return error
+        finally:
+            child_conn.close()
+        worker = _Worker(process, channel)
         self._workers.append(worker)
-        self._selector.register(parent_conn, selectors.EVENT_READ, (False, worker))
-        self._selector.register(process.sentinel, selectors.EVENT_READ, (True, worker))
-        return worker
+        self._selector.register(channel, selectors.EVENT_READ, ("conn", worker))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, ("sentinel", worker))
+        if self.options.worker_init:
+            # The initializer runs in the worker's app: the first waiting task's.
+            try:
+                self._send_app(worker, self._pending[0].task)
+            except OSError:
+                pass  # it died already; its sentinel says so
+        return None
 
     def _forget(self, worker: _Worker) -> None:
         """Remove ``worker`` from the pool (its process is ended or ending)."""
@@ -266,86 +379,62 @@ class ProcessBackend(Backend):
             if worker not in self._workers:
                 return
             self._workers.remove(worker)
-        for fileobj in (worker.conn, worker.process.sentinel):
+        for fileobj in (worker.channel, worker.process.sentinel):
             try:
                 self._selector.unregister(fileobj)
             except (KeyError, ValueError):
                 pass
 
-    def _deliver(self, worker: _Worker, item: _WorkItem) -> None:
-        """Send ``item`` to ``worker``, which was claimed for it (any thread)."""
-        task = item.task
-        try:
-            if task.push_context and worker.app_version != task.app_version:
-                worker.conn.send_bytes(
-                    pickle.dumps(("app", task.app_version, task.app_spec), pickle.HIGHEST_PROTOCOL)
-                )
-                worker.app_version = task.app_version
-            worker.conn.send_bytes(
-                pickle.dumps(
-                    (
-                        "call",
-                        item.task_id,
-                        task.payload,
-                        task.app_version,
-                        task.push_context,
-                        task.chunked,
-                    ),
-                    pickle.HIGHEST_PROTOCOL,
-                )
-            )
-        except OSError:
-            # The worker died before it got the task: the task never ran, so it
-            # goes back to the front of the queue; the dispatcher sees the death.
-            with self._lock:
-                if worker.item is item:
-                    worker.item = None
-                    self._pending.appendleft(item)
-            self._wake()
-            return
-        if worker.ready:
-            self._start_clock(item)
-            if item.deadline is not None:
-                self._wake()  # the dispatcher must wait no longer than this deadline
-
-    def _start_clock(self, item: _WorkItem) -> None:
-        timeout = item.future._task_timeout or self.options.task_timeout
-        item.deadline = time.monotonic() + timeout if timeout else None
-
     def _wait_and_handle(self) -> None:
-        deadlines = [w.item.deadline for w in self._workers if w.item and w.item.deadline]
+        with self._lock:
+            deadlines = [w.item.deadline for w in self._workers if w.item and w.item.deadline]
+            deadlines += [w.start_deadline for w in self._workers if not w.ready]
+            if self._stop_at is not None:
+                deadlines.append(self._stop_at)
+            for worker in self._workers:  # watch for room in sockets with queued bytes
+                events = selectors.EVENT_READ
+                if worker.channel.sending:
+                    events |= selectors.EVENT_WRITE
+                if events != worker.events:
+                    self._selector.modify(worker.channel, events, ("conn", worker))
+                    worker.events = events
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         if self._retired:
             timeout = min(timeout, 0.5) if timeout is not None else 0.5
             self._retired = [p for p in self._retired if p.exitcode is None]
-        events = self._selector.select(timeout)
         lost = []
-        for key, _ in events:
+        for key, mask in self._selector.select(timeout):
             if key.data is None:
                 self._wake_reader.recv(4096)
                 continue
-            is_sentinel, worker = key.data
-            if is_sentinel:
+            kind, worker = key.data
+            if kind == "sentinel":
                 lost.append(worker)
-            elif worker in self._workers:
+                continue
+            if mask & selectors.EVENT_WRITE:
+                with self._lock:
+                    try:
+                        worker.channel.flush()
+                    except OSError:
+                        worker.broken = True
+            if mask & selectors.EVENT_READ and worker in self._workers:
                 self._receive(worker)
         for worker in lost:
-            if worker in self._workers:
-                self._worker_lost(worker)
+            self._worker_lost(worker)
 
     def _receive(self, worker: _Worker) -> None:
-        try:
-            while worker.conn.poll():
-                self._handle(worker, pickle.loads(worker.conn.recv_bytes()))
-        except (EOFError, OSError):
+        for data in worker.channel.receive():
+            self._handle(worker, pickle.loads(data))
+            if worker not in self._workers:
+                return
+        if worker.channel.closed:
             self._worker_lost(worker)
 
     def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "ready":
             worker.ready = True
-            if worker.item is not None:
-                self._start_clock(worker.item)
+            self._failed_starts = 0
         elif kind == "done":
             self._complete(worker, message[1], message[2])
         elif kind == "meta":
@@ -353,6 +442,15 @@ class ProcessBackend(Backend):
                 worker.item.future._merge_meta(message[2])
         elif kind == "log":
             log_record_restore(message[2])
+        elif kind == "init_failed":
+            _, cause = rebuild_outcome(message[1])
+            worker.failure = BrokenProcessPool(
+                f"the worker initializer (EXECUTOR_WORKER_INIT ="
+                f" {self.options.worker_init!r}) raised {type_name(cause)}: {cause};"
+                " its traceback is this error's cause"
+            )
+            worker.failure.__cause__ = cause
+            self._worker_lost(worker)  # it exits by itself
 
     def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
         limit = self.options.max_tasks_per_child
@@ -373,11 +471,12 @@ class ProcessBackend(Backend):
                 settle(item.future, exception=value)
 
     def _retire(self, worker: _Worker) -> None:
-        try:
-            worker.conn.send_bytes(pickle.dumps(("stop",)))
-        except OSError:
-            pass
-        worker.conn.close()
+        with self._lock:
+            try:
+                worker.channel.send(pickle.dumps(("stop",)))
+            except OSError:
+                pass
+            worker.channel.close()  # the worker also exits when its socket closes
         self._retired.append(worker.process)
 
     def _worker_lost(self, worker: _Worker) -> None:
@@ -385,25 +484,51 @@ class ProcessBackend(Backend):
             return
         self._forget(worker)  # first: nobody may claim it any more
         try:  # a result sent just before dying still counts
-            while worker.item is not None and worker.conn.poll():
-                self._handle(worker, pickle.loads(worker.conn.recv_bytes()))
+            for data in worker.channel.receive():
+                if worker.item is None:
+                    break
+                self._handle(worker, pickle.loads(data))
         except (EOFError, OSError, pickle.UnpicklingError):
             pass
         worker.process.join(1.0)
         if worker.process.exitcode is None:
             worker.process.kill()
             worker.process.join(1.0)
-        worker.conn.close()
         with self._lock:
+            worker.channel.close()
             item, worker.item = worker.item, None
         if item is not None:
-            settle(item.future, exception=TerminatedWorkerError(_death_message(worker.process)))
+            settle(item.future, exception=TerminatedWorkerError(death_message(worker.process)))
+        elif not worker.ready:
+            self._start_failed(
+                worker.failure
+                or TerminatedWorkerError(
+                    f"a worker process (pid {worker.process.pid})"
+                    f" {how_it_ended(worker.process)} while starting, before it took a task"
+                )
+            )
+
+    def _start_failed(self, error: BaseException) -> None:
+        """A worker could not start; after :data:`START_ATTEMPTS` in a row the
+        tasks waiting for one fail with ``error``."""
+        self._failed_starts += 1
+        if self._failed_starts < START_ATTEMPTS:
+            return
+        self._failed_starts = 0
+        with self._lock:
+            items = [item for item in self._pending if not item.started]
+            for item in items:
+                self._pending.remove(item)
+        for item in items:
+            if not settle(item.future, exception=error):
+                _cancel(item.future)  # it was cancelled meanwhile: let wait() see it
 
     def _kill(self, worker: _Worker) -> None:
         self._forget(worker)
         worker.process.kill()
         worker.process.join(_STOP_GRACE)
-        worker.conn.close()
+        with self._lock:
+            worker.channel.close()
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
@@ -420,6 +545,40 @@ class ProcessBackend(Backend):
                     ),
                 )
                 self._kill(worker)
+            elif not worker.ready and worker.start_deadline <= now:
+                self._kill(worker)
+                self._start_failed(
+                    TerminatedWorkerError(
+                        f"a worker process (pid {worker.process.pid}) did not start within"
+                        f" {WORKER_START_TIMEOUT:g} s (flask_executor.backends.process."
+                        "WORKER_START_TIMEOUT) and was killed"
+                    )
+                )
+        if self._stop_at is not None and self._stop_at <= now:
+            self._stop_now()
+
+    def _stop_now(self) -> None:
+        """The shutdown timeout passed: kill the workers still running tasks,
+        fail those tasks, cancel the ones that never started."""
+        with self._lock:
+            dropped = list(self._pending)
+            self._pending.clear()
+            busy = [w for w in self._workers if w.item is not None]
+        for worker in busy:
+            item = worker.item
+            self._kill(worker)
+            if item is not None:
+                settle(
+                    item.future,
+                    exception=TerminatedWorkerError(
+                        f"the pool was shut down while this task was running: it did not"
+                        f" finish within the shutdown timeout ({self._stop_timeout:g} s,"
+                        f" EXECUTOR_SHUTDOWN_TIMEOUT); its worker (pid"
+                        f" {worker.process.pid}) was killed"
+                    ),
+                )
+        for item in dropped:
+            _cancel(item.future)
 
     def _handle_stop_requests(self) -> None:
         while self._stop_requests:
@@ -430,39 +589,34 @@ class ProcessBackend(Backend):
                     break
 
     def _stop_workers(self) -> None:
-        for worker in self._workers:
-            try:
-                worker.conn.send_bytes(pickle.dumps(("stop",)))
-            except OSError:
-                pass
+        with self._lock:
+            for worker in self._workers:
+                try:
+                    worker.channel.send(pickle.dumps(("stop",)))
+                except OSError:
+                    pass
+                worker.channel.close()  # a worker also exits when its socket closes
         deadline = time.monotonic() + _STOP_GRACE
         for process in [w.process for w in self._workers] + self._retired:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.exitcode is None:
                 process.kill()
                 process.join(1.0)
-        for worker in self._workers:
-            worker.conn.close()
-        self._workers.clear()
-        self._retired.clear()
+        with self._lock:
+            self._workers.clear()
+            self._retired.clear()
+            self._close()
+
+    def _close(self) -> None:
         self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
 
 
-def _death_message(process: Any) -> str:
-    code = process.exitcode
-    if code is None:
-        how = "stopped responding"
-    elif code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        how = f"was killed by {name} (exit code {code})"
-    else:
-        how = f"exited with code {code}"
-    return (
-        f"the worker process (pid {process.pid}) running this task {how}; only this task"
-        " failed, a replacement worker starts for the others"
-    )
+def _cancel(future: FutureProxy[Any]) -> None:
+    """Cancel a task that will not run, and mark it notified, so that
+    :func:`concurrent.futures.wait` counts it as done (as the stdlib's pools do)."""
+    future.cancel()
+    with future._condition:
+        if future._state == CANCELLED:
+            future.set_running_or_notify_cancel()

@@ -1,0 +1,111 @@
+"""Starting worker processes: which start method, whether the web process's main
+script can be started from, and how to describe the way a worker ended."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import multiprocessing
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+__all__ = ["check_main_guard", "death_message", "default_start_method", "how_it_ended"]
+
+
+def default_start_method() -> str:
+    """``forkserver`` where the platform has it, else ``spawn``: never
+    ``fork``, which is unsafe in a multi-threaded web server."""
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def check_main_guard(start_method: str) -> None:
+    """Fail the first ``submit()`` of a script that submits while it is being
+    run, outside an ``if __name__ == "__main__":`` block.
+
+    ``spawn`` and ``forkserver`` workers import the web process's main script
+    (as ``__mp_main__``) to find the functions defined in it; a script that
+    submits at its top level would submit again in every worker, while the
+    worker is still starting, and the worker dies. This says so at once, in
+    the web process, instead. ``fork`` workers never import the script.
+
+    :raises RuntimeError: the call stack shows such a submit; the message says
+        what to change.
+    """
+    if start_method == "fork":
+        return
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
+        return  # python -c, a REPL, python -m: workers do not run the script
+    frame = _main_module_frame(main.__dict__)
+    if frame is None or _in_main_guard(path, frame.f_lineno):
+        return
+    raise RuntimeError(
+        f"{path}, line {frame.f_lineno}: this script submits a task to a process pool while"
+        " the script itself is being run, outside an `if __name__ == \"__main__\":` block."
+        f" With the {start_method!r} start method every worker process imports the script"
+        " to find its functions, and would submit again. Put the code that submits (and"
+        " anything else that should run only once, such as app.run()) under"
+        " `if __name__ == \"__main__\":`, or set EXECUTOR_START_METHOD = 'fork' (what"
+        " Flask-Executor 1.0 used on Linux)."
+    )
+
+
+def _main_module_frame(main_globals: dict[str, Any]) -> FrameType | None:
+    """The frame running the main script's top level, if it is on this stack."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals is main_globals:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _in_main_guard(path: str, line: int) -> bool:
+    """Whether ``line`` of the script at ``path`` is inside a top-level
+    ``if __name__ == "__main__":`` block (``True`` when that cannot be told)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            tree = ast.parse(file.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return True
+    for node in tree.body:
+        if isinstance(node, ast.If) and _is_main_test(node.test):
+            end = node.end_lineno or node.lineno
+            if node.lineno <= line <= end:
+                return True
+    return False
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+        return False
+    if not isinstance(test.ops[0], ast.Eq):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    values = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return bool(names and values)
+
+
+def how_it_ended(process: Any) -> str:
+    code = process.exitcode
+    if code is None:
+        return "stopped responding"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+def death_message(process: Any) -> str:
+    return (
+        f"the worker process (pid {process.pid}) running this task {how_it_ended(process)};"
+        " only this task failed, a replacement worker starts for the others"
+    )
