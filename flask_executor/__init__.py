@@ -8,6 +8,7 @@ from .errors import (
     BodyNotCapturedError,
     GAttributeNotCopiedError,
     SerializationError,
+    ShutdownTimeoutError,
     TaskTimeoutError,
     TerminatedWorkerError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "FutureProxy",
     "GAttributeNotCopiedError",
     "SerializationError",
+    "ShutdownTimeoutError",
     "TaskTimeoutError",
     "TerminatedWorkerError",
     "current_task",

@@ -148,7 +148,9 @@ class ProcessBackend(Backend):
             with self._lock:
                 worker.item = None
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
         with self._lock:
             self._shutdown = True
             if cancel_futures:
