@@ -19,13 +19,16 @@ from pathlib import Path
 import pytest
 from conftest import MakeExecutor
 from flask import Flask
+from support import wait_until
 
 from flask_executor import Executor, SerializationError, ShutdownTimeoutError
 
 TESTS = Path(__file__).resolve().parent
 
 
-def run_script(tmp_path: Path, source: str, timeout: float = 45) -> subprocess.CompletedProcess[str]:
+def run_script(
+    tmp_path: Path, source: str, timeout: float = 45
+) -> subprocess.CompletedProcess[str]:
     """Run ``source`` as a script in a fresh interpreter; tests/ is importable."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
@@ -104,6 +107,7 @@ def test_submit_after_exit_hook_raises_runtime_error(tmp_path: Path) -> None:
         atexit.register(late_submit)
 
         from flask import Flask
+from support import wait_until
         from flask_executor import Executor
 
         app = Flask("late")
@@ -124,15 +128,6 @@ def executor_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("flask-executor")]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_dropped_thread_executor_stops_its_threads() -> None:
     from support import create_app
 
@@ -147,9 +142,7 @@ def test_dropped_thread_executor_stops_its_threads() -> None:
     assert len(started) >= 2  # workers and the deadline thread
     del executor, app, futures
     gc.collect()
-    assert wait_until(lambda: not any(t.is_alive() for t in started)), [
-        t.name for t in started if t.is_alive()
-    ]
+    wait_until(lambda: not any(t.is_alive() for t in started), timeout=30)
 
 
 def test_module_level_registries_hold_executors_weakly() -> None:
@@ -223,6 +216,7 @@ def test_exit_waits_for_running_thread_task_and_delivers_its_result(tmp_path: Pa
     result = run_script(tmp_path, """
         import time
         from flask import Flask
+from support import wait_until
         from flask_executor import Executor
 
         app = Flask("exit")
@@ -249,6 +243,7 @@ def test_exit_past_the_timeout_fails_the_running_thread_task(tmp_path: Path) -> 
     result = run_script(tmp_path, """
         import time
         from flask import Flask
+from support import wait_until
         from flask_executor import Executor
 
         app = Flask("exit")
