@@ -271,7 +271,8 @@ def test_worker_init_runs_once_per_dask_worker_in_the_app_context(
         EXECUTOR_WORKER_INIT="test_dask:init_worker",
     )
     with dask_app.app_context():
-        answers = [f.result(timeout=TIMEOUT) for f in [executor.submit(init_runs) for _ in range(20)]]
+        futures = [executor.submit(init_runs) for _ in range(20)]
+        answers = [f.result(timeout=TIMEOUT) for f in futures]
     assert {runs for _, runs, _ in answers} == {1}
     assert {name for _, _, name in answers} == {"support"}
 

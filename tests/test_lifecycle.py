@@ -107,7 +107,6 @@ def test_submit_after_exit_hook_raises_runtime_error(tmp_path: Path) -> None:
         atexit.register(late_submit)
 
         from flask import Flask
-from support import wait_until
         from flask_executor import Executor
 
         app = Flask("late")
@@ -216,7 +215,6 @@ def test_exit_waits_for_running_thread_task_and_delivers_its_result(tmp_path: Pa
     result = run_script(tmp_path, """
         import time
         from flask import Flask
-from support import wait_until
         from flask_executor import Executor
 
         app = Flask("exit")
@@ -243,7 +241,6 @@ def test_exit_past_the_timeout_fails_the_running_thread_task(tmp_path: Path) -> 
     result = run_script(tmp_path, """
         import time
         from flask import Flask
-from support import wait_until
         from flask_executor import Executor
 
         app = Flask("exit")
