@@ -27,13 +27,14 @@ TESTS = Path(__file__).resolve().parent
 
 
 def run_script(
-    tmp_path: Path, source: str, timeout: float = 45
+    tmp_path: Path, source: str, timeout: float = 45, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``source`` as a script in a fresh interpreter; tests/ is importable."""
+    """Run ``source`` as a script in a fresh interpreter, in ``tmp_path``;
+    ``tmp_path`` and tests/ are importable."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
-    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
+    path = os.pathsep.join([str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, **(env or {}), "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=timeout,
@@ -260,3 +261,112 @@ def test_exit_past_the_timeout_fails_the_running_thread_task(tmp_path: Path) -> 
     assert sorted(result.stdout.splitlines()) == [
         "callback: ShutdownTimeoutError", "cancelled: True"
     ]
+
+
+# -- item 2: a fork of the web process gets pools of its own --------------------------
+
+FORK_APP = '''
+import os
+import time
+from flask import Flask, g
+from flask_executor import Executor
+
+app = Flask("forkapp")
+app.config["EXECUTOR_TYPE"] = os.environ["KIND"]
+app.config["EXECUTOR_START_METHOD"] = os.environ.get("START_METHOD") or None
+app.config["EXECUTOR_MAX_WORKERS"] = 2
+executor = Executor(app)
+
+inner = Executor(app, name="inner")  # a thread pool, for tasks that submit themselves
+
+
+def echo(value, delay=0.0):
+    time.sleep(delay)
+    return value, g.get("user")
+
+
+def nested(n):
+    # Runs in a process worker: submits to the thread executor it inherited.
+    return inner.submit(pow, n, 2).result(timeout=10)
+'''
+
+FORK_SCRIPT = '''
+import os, sys, time
+from forkapp import app, executor, echo
+
+def submit_all(who, n, delay):
+    futures = []
+    for i in range(n):
+        with app.test_request_context():
+            from flask import g
+            g.user = f"{who}-{i}"
+            futures.append(executor.submit(echo, (who, i), delay))
+    return futures
+
+if __name__ == "__main__":
+    with app.app_context():
+        assert executor.submit(echo, "warm").result(timeout=30)[0] == "warm"
+    parent = submit_all("alice", 8, 0.3)  # running and queued when we fork
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child = submit_all("bob", 8, 0.05)
+            got = [f.result(timeout=30) for f in child]
+            ok = got == [(("bob", i), f"bob-{i}") for i in range(8)]
+            print("child", "ok" if ok else f"wrong {got}", flush=True)
+        except BaseException as exc:
+            print("child failed", repr(exc), flush=True)
+            os._exit(1)
+        sys.exit(0)  # a normal exit: the exit hooks run in the child
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        print("child hung", flush=True)
+    got = [f.result(timeout=30) for f in parent]
+    ok = got == [(("alice", i), f"alice-{i}") for i in range(8)]
+    print("parent", "ok" if ok else f"wrong {got}", flush=True)
+    later = submit_all("carol", 4, 0)
+    ok = [f.result(timeout=30) for f in later] == [(("carol", i), f"carol-{i}") for i in range(4)]
+    print("parent later", "ok" if ok else "wrong", flush=True)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "start_method"),
+    [("thread", ""), ("process", "forkserver"), ("process", "spawn"), ("process", "fork")],
+)
+def test_fork_after_submits_gives_the_child_its_own_pool(
+    tmp_path: Path, kind: str, start_method: str
+) -> None:
+    (tmp_path / "forkapp.py").write_text(FORK_APP)
+    env = {"KIND": kind, "START_METHOD": start_method}
+    result = run_script(tmp_path, FORK_SCRIPT, timeout=120, env=env)
+    lines = result.stdout.splitlines()
+    assert sorted(lines) == ["child ok", "parent later ok", "parent ok"], (
+        result.stdout + result.stderr
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_fork_worker_submits_to_the_executor_it_inherited(tmp_path: Path) -> None:
+    (tmp_path / "forkapp.py").write_text(FORK_APP)
+    result = run_script(tmp_path, """
+        from forkapp import app, executor, inner, nested
+
+        if __name__ == "__main__":
+            with app.app_context():
+                # The thread pool has idle threads when the process workers fork.
+                assert [f.result(timeout=30) for f in [inner.submit(pow, 3, 2)]] == [9]
+                futures = [executor.submit(nested, n) for n in range(4)]
+                print([f.result(timeout=30) for f in futures])
+        """, timeout=120, env={"KIND": "process", "START_METHOD": "fork"})
+    assert result.stdout.splitlines() == ["[0, 1, 4, 9]"], result.stdout + result.stderr
+    assert result.returncode == 0, result.stderr

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing.process
+import os
+import sys
+import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -124,6 +127,29 @@ def _after_fork_in_child() -> None:
     children = getattr(multiprocessing.process, "_children", None)
     if isinstance(children, set):
         children.clear()
+    _forget_forkserver()
+
+
+def _forget_forkserver() -> None:
+    """In a forked child, forget the parent's fork server: asking whether it
+    is alive (``waitpid``) fails here, as it is not this process's child. The
+    child's next forkserver pool starts its own. Only the child's copy of the
+    fd that keeps the parent's server alive is closed: nothing is sent, and
+    the server's socket is left in place."""
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+    server._forkserver_alive_fd = None
+    server._forkserver_pid = None
+    server._forkserver_address = None
+    server._lock = threading.Lock()  # another thread may have held it at the fork
 
 
 @atexit.register
