@@ -9,6 +9,7 @@ from .errors import (
     GAttributeNotCopiedError,
     SerializationError,
     TaskLostError,
+    ShutdownTimeoutError,
     TaskTimeoutError,
     TerminatedWorkerError,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "FutureProxy",
     "GAttributeNotCopiedError",
     "SerializationError",
+    "ShutdownTimeoutError",
     "TaskTimeoutError",
     "TerminatedWorkerError",
     "current_task",

@@ -8,6 +8,7 @@ written against :mod:`concurrent.futures` (or plain ``TypeError`` /
 from __future__ import annotations
 
 import concurrent.futures
+import pickle
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
@@ -15,6 +16,7 @@ __all__ = [
     "BodyNotCapturedError",
     "GAttributeNotCopiedError",
     "SerializationError",
+    "ShutdownTimeoutError",
     "TaskTimeoutError",
     "TerminatedWorkerError",
     "TaskLostError",
@@ -23,9 +25,13 @@ __all__ = [
 ]
 
 
-class SerializationError(TypeError):
+class SerializationError(TypeError, pickle.PicklingError):
     """A callable, argument, return value or exception could not be pickled,
     or could not be rebuilt on the other side.
+
+    It is a :exc:`TypeError` (what ``pickle`` raises for most unpicklable
+    objects) and a :exc:`pickle.PicklingError` (what code written for the
+    standard library's pools catches).
 
     :meth:`Executor.submit` raises it for the callable and its arguments, so
     nothing unpicklable ever reaches a pool; for return values and exceptions
@@ -106,4 +112,15 @@ class StoreSignatureError(ValueError):
     the key changed.
 
     .. versionadded:: 2.0
+    """
+
+
+class ShutdownTimeoutError(TaskTimeoutError):
+    """The task was still running when :meth:`Executor.shutdown` (or the
+    interpreter's exit) stopped waiting, after ``EXECUTOR_SHUTDOWN_TIMEOUT``
+    seconds.
+
+    Process workers are stopped; a thread or Dask task cannot be interrupted
+    and its eventual result is dropped. Tasks that had not started by then are
+    cancelled instead.
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import importlib.util
+import os
 import re
 import sys
 import threading
@@ -25,6 +26,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, overload
 from flask import Blueprint, Flask, current_app, has_app_context
 from werkzeug.datastructures import FileStorage
 
+from . import backends
 from .appspec import app_spec
 from .backends import Backend, BackendOptions, PickledTask, create_backend
 from .errors import SerializationError
@@ -45,6 +47,10 @@ T = TypeVar("T")
 EXECUTOR_TYPES = ("thread", "process", "dask")
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_MAX_BODY = 1024 * 1024
+#: Seconds ``shutdown()`` and interpreter exit wait for tasks: 5 s less than
+#: gunicorn's default ``--graceful-timeout`` (30 s), so that what is still
+#: unfinished is failed before gunicorn's SIGKILL.
+DEFAULT_SHUTDOWN_TIMEOUT = 25.0
 
 
 def str2bool(value: Any) -> bool:
@@ -128,6 +134,7 @@ class Executor(concurrent.futures.Executor):
         self._states: weakref.WeakKeyDictionary[Flask, _AppState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._shutdown = False
+        _executors.add(self)
         if app is not None:
             self.init_app(app)
 
@@ -145,7 +152,8 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_TASK_TIMEOUT``, ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``,
         ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY``,
         ``EXECUTOR_DASK_ADDRESS``, ``EXECUTOR_DASK_SECURITY``,
-        ``EXECUTOR_STORE`` and ``EXECUTOR_STORE_NAMESPACE`` (see
+        ``EXECUTOR_STORE``, ``EXECUTOR_STORE_NAMESPACE``,
+        ``EXECUTOR_SHUTDOWN_TIMEOUT`` and ``EXECUTOR_WORKER_INIT`` (see
         :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
         starts here: pools start on the first submit.
@@ -171,6 +179,7 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_STORE": "memory",
             "EXECUTOR_STORE_NAMESPACE": None,
             "EXECUTOR_WORKER_INIT": None,
+            "EXECUTOR_SHUTDOWN_TIMEOUT": DEFAULT_SHUTDOWN_TIMEOUT,
         }
         value = {key: config.setdefault(self._key(key), dflt) for key, dflt in defaults.items()}
 
@@ -199,6 +208,7 @@ class Executor(concurrent.futures.Executor):
         options = BackendOptions(
             max_workers=self._int(value, "EXECUTOR_MAX_WORKERS"),
             task_timeout=self._float(value, "EXECUTOR_TASK_TIMEOUT"),
+            shutdown_timeout=self._float(value, "EXECUTOR_SHUTDOWN_TIMEOUT"),
             start_method=start_method,
             max_tasks_per_child=self._int(value, "EXECUTOR_MAX_TASKS_PER_CHILD"),
             dask_address=value["EXECUTOR_DASK_ADDRESS"],
@@ -519,16 +529,55 @@ class Executor(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks and release the workers, like
         :meth:`concurrent.futures.Executor.shutdown`. Pending tasks still run
-        unless ``cancel_futures``. Called at interpreter exit for executors
-        that were not shut down."""
+        unless ``cancel_futures``. Interpreter exit does the same for pools
+        that were not shut down.
+
+        With ``wait``, it waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT`` seconds
+        (all apps of this executor together); then process workers are
+        stopped, tasks that have not started are cancelled and running ones
+        fail with :exc:`~flask_executor.ShutdownTimeoutError`: no future is
+        left pending.
+
+        .. versionchanged:: 2.0
+            Waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT``.
+        """
         with self._lock:
             self._shutdown = True
             states = list(self._states.values())
+        start = time.monotonic()
         for state in states:
             with state.lock:
                 backend = state.backend
             if backend is not None:
-                backend.shutdown(wait=wait, cancel_futures=cancel_futures)
+                limit = state.options.shutdown_timeout
+                timeout = None if limit is None else max(0.0, start + limit - time.monotonic())
+                backend.shutdown(wait=wait, cancel_futures=cancel_futures, timeout=timeout)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: forget the parent's pools (the next submit starts
+        this process's own) and locks another thread may have held."""
+        self._lock = threading.Lock()
+        for state in list(self._states.values()):
+            state.lock = threading.Lock()
+            state.backend = None
+
+
+#: Every executor not yet collected, for the fork hook below.
+_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """After ``os.fork()`` (``gunicorn --preload``, a ``fork`` start-method
+    worker, a library that forks), in the child: every executor gets fresh,
+    empty pools of its own on its next submit. The parent's workers, pipes and
+    Dask client are abandoned untouched; its pending futures stay its own."""
+    backends._after_fork_in_child()
+    for executor in list(_executors):
+        executor._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _thread_task(
@@ -601,25 +650,34 @@ def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[
 
 
 def _flatten(chunks: Iterator[list[T]]) -> Iterator[T]:
+    # Pop, not iterate: no reference to a result is kept once it was yielded.
     for chunk in chunks:
-        yield from chunk
+        chunk.reverse()
+        while chunk:
+            yield chunk.pop()
 
 
 def _results(futures: list[FutureProxy[Any]], end: float | None) -> Iterator[Any]:
-    """Yield results in order; on early exit, cancel what has not started."""
+    """Yield results in order; on early exit, cancel what has not started.
+
+    As in :mod:`concurrent.futures`, no local keeps the last future or result
+    alive while the generator is suspended.
+    """
     try:
         futures.reverse()
         while futures:
-            future = futures[-1]
-            if end is None:
-                result = future.result()
-            else:
-                result = future.result(end - time.monotonic())
-            futures.pop()
-            yield result
+            yield _result_or_cancel(futures.pop(), end)
     finally:
         for future in futures:
             _cancel_if_pending(future)
+
+
+def _result_or_cancel(future: FutureProxy[Any], end: float | None) -> Any:
+    try:
+        return future.result(None if end is None else end - time.monotonic())
+    finally:
+        _cancel_if_pending(future)
+        del future
 
 
 def _cancel_if_pending(future: FutureProxy[Any]) -> None:

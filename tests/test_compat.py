@@ -117,6 +117,7 @@ def test_all_is_pinned() -> None:
             "SerializationError",
             "TerminatedWorkerError",
             "TaskTimeoutError",
+            "ShutdownTimeoutError",
             "BodyNotCapturedError",
             "GAttributeNotCopiedError",
             "current_task",

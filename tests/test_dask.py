@@ -182,3 +182,116 @@ def test_security_config_never_travels_to_workers(
 
 def config_value(key: str) -> Any:
     return current_app.config.get(key)
+
+
+# -- shutdown (issue 11, items 4 and 14) ------------------------------------------------
+
+
+def sleep_and_return(seconds: float, value: int) -> int:
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+@pytest.mark.slow
+def test_shutdown_cancel_futures_with_400_queued_tasks_returns_and_leaves_none_pending(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
+) -> None:
+    import concurrent.futures
+    import threading
+
+    for run in range(3):
+        app = create_app()
+        executor = dask_executor(app, shutdown_after, dask_scheduler_address)
+        with app.app_context():
+            futures = [executor.submit(sleep_and_return, 0.05, n) for n in range(400)]
+            assert futures[0].result(timeout=TIMEOUT) == 0  # tasks are on the workers
+        stopper = threading.Thread(
+            target=executor.shutdown, kwargs={"wait": True, "cancel_futures": True}
+        )
+        stopper.start()
+        stopper.join(TIMEOUT)
+        assert not stopper.is_alive(), f"run {run}: shutdown(cancel_futures=True) hung"
+        # Every future is done as concurrent.futures counts it: cancelled ones too.
+        done, not_done = concurrent.futures.wait(futures, timeout=5)
+        assert not not_done, f"run {run}: {len(not_done)} futures never counted as done"
+        assert any(f.cancelled() for f in futures)
+        for n, future in enumerate(futures):
+            if not future.cancelled():
+                assert future.result(timeout=0) == n
+        assert list(concurrent.futures.as_completed(futures, timeout=5))
+
+
+@pytest.mark.slow
+def test_shutdown_past_the_timeout_fails_the_running_task(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
+) -> None:
+    from flask_executor import ShutdownTimeoutError
+
+    executor = dask_executor(
+        dask_app, shutdown_after, dask_scheduler_address, EXECUTOR_SHUTDOWN_TIMEOUT=1
+    )
+    with dask_app.app_context():
+        quick = executor.submit(sleep_and_return, 0, 1)
+        assert quick.result(timeout=TIMEOUT) == 1
+        slow = executor.submit(sleep_and_return, 30, 2)
+        wait_until(slow.running)
+    executor.shutdown(wait=True)
+    with pytest.raises(ShutdownTimeoutError, match="EXECUTOR_SHUTDOWN_TIMEOUT"):
+        slow.result(timeout=5)
+
+
+# -- EXECUTOR_WORKER_INIT on Dask workers ----------------------------------------------
+
+
+def init_worker() -> None:
+    """Counts its runs per worker process, in the worker app's config."""
+    current_app.config["WORKER_INIT_RUNS"] = current_app.config.get("WORKER_INIT_RUNS", 0) + 1
+    os.environ["FLASK_EXECUTOR_TEST_INIT"] = current_app.name
+
+
+def init_runs() -> tuple[int, int, str]:
+    return os.getpid(), current_app.config["WORKER_INIT_RUNS"], os.environ[
+        "FLASK_EXECUTOR_TEST_INIT"
+    ]
+
+
+def init_fails() -> None:
+    raise Broken("no model file")
+
+
+@pytest.mark.slow
+def test_worker_init_runs_once_per_dask_worker_in_the_app_context(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
+) -> None:
+    # Needs EXECUTOR_WORKER_INIT read into BackendOptions (the pool branch adds the key).
+    executor = dask_executor(
+        dask_app, shutdown_after, dask_scheduler_address,
+        EXECUTOR_WORKER_INIT="test_dask:init_worker",
+    )
+    with dask_app.app_context():
+        futures = [executor.submit(init_runs) for _ in range(20)]
+        answers = [f.result(timeout=TIMEOUT) for f in futures]
+    assert {runs for _, runs, _ in answers} == {1}
+    assert {name for _, _, name in answers} == {"support"}
+
+
+@pytest.mark.slow
+def test_failing_worker_init_fails_tasks_naming_it_with_its_traceback(
+    dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
+) -> None:
+    import concurrent.futures
+
+    executor = dask_executor(
+        dask_app, shutdown_after, dask_scheduler_address,
+        EXECUTOR_WORKER_INIT="test_dask:init_fails",
+    )
+    with dask_app.app_context():
+        futures = [executor.submit(sleep_and_return, 0, n) for n in range(6)]
+        for future in futures:
+            with pytest.raises(concurrent.futures.BrokenExecutor) as info:
+                future.result(timeout=TIMEOUT)
+            assert "EXECUTOR_WORKER_INIT = 'test_dask:init_fails'" in str(info.value)
+            assert "no model file" in str(info.value)
+            assert "init_fails" in str(info.value.__cause__)  # the worker's traceback

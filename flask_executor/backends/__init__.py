@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.process
+import os
+import sys
+import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from concurrent.futures import InvalidStateError
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ShutdownTimeoutError
 from ..futures import FutureProxy
 
 __all__ = ["Backend", "BackendOptions", "PickledTask"]
@@ -29,6 +36,9 @@ class BackendOptions:
 
     max_workers: int | None
     task_timeout: float | None
+    #: ``EXECUTOR_SHUTDOWN_TIMEOUT``: what interpreter exit passes to
+    #: :meth:`Backend.shutdown`; ``None``: no limit.
+    shutdown_timeout: float | None = None
     start_method: str | None = None
     max_tasks_per_child: int | None = None
     dask_address: str | None = None
@@ -83,23 +93,120 @@ class Backend(ABC):
             self.submit(future, task)
 
     @abstractmethod
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks; see :meth:`concurrent.futures.Executor.shutdown`."""
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
+        """Stop accepting tasks; see :meth:`concurrent.futures.Executor.shutdown`.
+
+        With ``wait``, return once the submitted tasks finished (only those
+        already on a worker with ``cancel_futures``), or after ``timeout``
+        seconds: then stop the workers and leave no future unfinished, with
+        :func:`stop_unfinished`.
+        """
+
+    def _abandon(self) -> None:  # noqa: B027 - most backends have nothing to do
+        """In a forked child: this backend's workers are the parent's. Make
+        sure nothing of it runs here (no finalizer, no exit hook); never stop,
+        join or message its workers."""
 
 
+#: Every backend not yet collected; weak, so that a dropped executor's pool winds down.
 _live: weakref.WeakSet[Backend] = weakref.WeakSet()
+#: Set by the exit hook: from then on no new backend starts.
+_exiting = False
+#: In a forked child only: the parent's backends, kept so that nothing of
+#: theirs (a Dask client's ``__del__``) is ever collected and run here.
+_abandoned: list[Backend] = []
+
+
+def _after_fork_in_child() -> None:
+    """Abandon the parent's backends in a forked child (see
+    :meth:`Backend._abandon`)."""
+    for backend in list(_live):
+        backend._abandon()
+        _abandoned.append(backend)
+        _live.discard(backend)
+    # The parent's worker processes are not this process's children: forget
+    # them, as multiprocessing does in the children it forks itself, or its
+    # exit hook would terminate and join them from here.
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        children.clear()
+    _forget_forkserver()
+
+
+def _forget_forkserver() -> None:
+    """In a forked child, forget the parent's fork server: asking whether it
+    is alive (``waitpid``) fails here, as it is not this process's child. The
+    child's next forkserver pool starts its own. Only the child's copy of the
+    fd that keeps the parent's server alive is closed: nothing is sent, and
+    the server's socket is left in place."""
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+    server._forkserver_alive_fd = None
+    server._forkserver_pid = None
+    server._forkserver_address = None
+    server._lock = threading.Lock()  # another thread may have held it at the fork
 
 
 @atexit.register
 def _shutdown_all() -> None:
-    """Finish submitted work when the interpreter exits without an explicit
-    ``shutdown()``; nothing submitted is lost."""
+    """At interpreter exit, shut every live backend down: running and queued
+    tasks get ``EXECUTOR_SHUTDOWN_TIMEOUT`` seconds (counted from the start of
+    exit, not per backend), then the rest are stopped, failed or cancelled.
+    Later submits raise :exc:`RuntimeError`, as with the standard library."""
+    global _exiting
+    _exiting = True
+    start = time.monotonic()
     for backend in list(_live):
-        backend.shutdown(wait=True)
+        limit = backend.options.shutdown_timeout
+        timeout = None if limit is None else max(0.0, start + limit - time.monotonic())
+        backend.shutdown(wait=True, timeout=timeout)
+
+
+def cancel_and_notify(future: Future[Any]) -> bool:
+    """Cancel ``future`` if it has not started, and mark it notified, as the
+    standard library's pools do for a work item they drop: only then do
+    :func:`concurrent.futures.wait` and ``as_completed`` count it as done.
+    ``False`` if it had started or finished."""
+    if not Future.cancel(future):
+        return False
+    with future._condition:
+        if future._state == CANCELLED:
+            future.set_running_or_notify_cancel()
+    return True
+
+
+def stop_unfinished(futures: Iterable[Future[Any]], timeout: float | None, what: str) -> None:
+    """After shutdown stopped waiting: cancel the futures that never started
+    and fail the running ones with :exc:`~flask_executor.ShutdownTimeoutError`
+    (``what`` says what became of the task itself)."""
+    limit = "" if timeout is None else f" ({timeout:g} s: EXECUTOR_SHUTDOWN_TIMEOUT)"
+    for future in futures:
+        if not cancel_and_notify(future):
+            settle(
+                future,
+                exception=ShutdownTimeoutError(
+                    f"the task was still running when shutdown stopped waiting{limit}; {what}"
+                ),
+            )
 
 
 def create_backend(kind: str, options: BackendOptions) -> Backend:
-    """The backend for ``EXECUTOR_TYPE`` ``kind``."""
+    """The backend for ``EXECUTOR_TYPE`` ``kind``.
+
+    :raises RuntimeError: the interpreter is exiting.
+    """
+    if _exiting:
+        raise RuntimeError("cannot schedule new futures after shutdown")
     if kind == "thread":
         from .thread import ThreadBackend
 
@@ -128,7 +235,7 @@ def complete(future: FutureProxy[Any], call: Callable[[], Any]) -> None:
 
 
 def settle(
-    future: FutureProxy[Any], result: Any = None, exception: BaseException | None = None
+    future: Future[Any], result: Any = None, exception: BaseException | None = None
 ) -> bool:
     """Complete ``future`` unless it already is; ``False`` if it was.
 

@@ -17,6 +17,7 @@ reports it on a per-executor event topic), and ``shutdown`` knows
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import functools
 import logging
@@ -26,11 +27,20 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from ..appspec import restore_app
 from ..futures import FutureProxy
-from ..serialize import dumps, loads
+from ..serialize import dumps, import_object, loads, type_name
 from ..tasks import forward_logs, log_record_restore
-from . import Backend, BackendOptions, PickledTask, settle
-from ._worker import Outcome, rebuild_outcome, run_call
+from . import (
+    Backend,
+    BackendOptions,
+    PickledTask,
+    _shutdown_all,
+    cancel_and_notify,
+    settle,
+    stop_unfinished,
+)
+from ._worker import Outcome, _error, rebuild_outcome, run_call
 from .thread import _Deadlines
 
 try:
@@ -43,10 +53,48 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 __all__ = ["DaskBackend"]
 
+# distributed closes its clusters at exit; atexit runs the last registered
+# first: shut our backends down (and let their tasks finish) before that.
+atexit.unregister(_shutdown_all)
+atexit.register(_shutdown_all)
+
 logger = logging.getLogger("flask_executor")
 
 #: Per worker process: the app specs it has unpickled, by version.
 _worker_specs: dict[str, Any] = {}
+#: Per worker process: the outcome of ``EXECUTOR_WORKER_INIT`` by executor
+#: (event topic): ``None`` once it ran, the error outcome if it raised.
+_worker_inits: dict[str, Outcome | None] = {}
+_worker_init_lock = threading.Lock()
+
+
+def _initialize(name: str, topic: str, spec_bytes: bytes, app_version: str) -> Outcome | None:
+    """Run the initializer ``name`` once in this worker for the executor of
+    ``topic``, in the worker app's context; its error outcome (every task of
+    that executor here then fails with it, it is never retried)."""
+    with _worker_init_lock:
+        if topic in _worker_inits:
+            return _worker_inits[topic]
+        failure = None
+        try:
+            module, _, attr = name.partition(":")
+            if not module or not attr:
+                raise ValueError(f"expected 'package.module:function', got {name!r}")
+            function = import_object(module, attr)
+            spec = _worker_specs.get(app_version) or loads(spec_bytes)
+            with restore_app(spec).app_context():
+                function()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            broken = concurrent.futures.BrokenExecutor(
+                f"the worker initializer (EXECUTOR_WORKER_INIT = {name!r}) raised"
+                f" {type_name(exc)}: {exc}; its traceback is this error's cause"
+            )
+            broken.__cause__ = exc
+            failure = _error(broken)
+        _worker_inits[topic] = failure
+        return failure
 
 
 def _run_on_worker(
@@ -57,6 +105,7 @@ def _run_on_worker(
     chunked: bool,
     topic: str,
     key: str,
+    worker_init: str | None = None,
 ) -> Outcome:
     """The function Dask runs: report the start, then run the call; meta
     updates and log records travel on the same event topic."""
@@ -71,6 +120,10 @@ def _run_on_worker(
     except Exception:  # noqa: S110 - running() stays false; the task still runs
         pass
     forward_logs()
+    if worker_init:
+        failure = _initialize(worker_init, topic, spec_bytes, app_version)
+        if failure is not None:
+            return failure
     spec = None
     if push_context:
         spec = _worker_specs.get(app_version)
@@ -176,6 +229,7 @@ class DaskBackend(Backend):
             [task.chunked for task in tasks],
             [self._topic] * len(tasks),
             keys,
+            [getattr(self.options, "worker_init", None)] * len(tasks),
             key=keys,
             pure=False,
         )
@@ -210,7 +264,8 @@ class DaskBackend(Backend):
         self._outstanding.pop(key, None)
         status = dask_future.status
         if status == "cancelled":
-            future.cancel()
+            if not cancel_and_notify(future):
+                future.cancel()  # running: FutureProxy marks it notified
             return
         if status == "finished":
             ok, value = rebuild_outcome(dask_future.result())
@@ -221,13 +276,16 @@ class DaskBackend(Backend):
         else:
             settle(future, exception=value)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
         with self._lock:
             if self._shutdown:
                 return
             self._shutdown = True
             client = self._client
         if client is None:
+            self._deadlines.stop()
             return
         if cancel_futures:
             # A worker's start event may still be on its way: ask the scheduler
@@ -238,16 +296,39 @@ class DaskBackend(Backend):
                 assigned = set()
             for key, future in list(self._running.items()):
                 if key not in assigned:
-                    future.cancel()  # its done callback cancels the Dask future
+                    cancel_and_notify(future)  # its done callback cancels the Dask future
         if wait:
-            self._close()
+            self._close(timeout)
         else:  # submitted tasks still finish, as with concurrent.futures
-            threading.Thread(target=self._close, name="flask-executor-dask-close").start()
+            threading.Thread(
+                target=self._close,
+                args=(self.options.shutdown_timeout if timeout is None else timeout,),
+                name="flask-executor-dask-close",
+            ).start()
 
-    def _close(self) -> None:
-        concurrent.futures.wait(list(self._running.values()))
+    def _close(self, timeout: float | None) -> None:
+        _, unfinished = concurrent.futures.wait(list(self._running.values()), timeout)
+        if unfinished:
+            # Settle first: cancelling on the cluster would cancel running ones.
+            stop_unfinished(
+                unfinished, timeout, "it was cancelled on the cluster, where it may still finish"
+            )
+            outstanding = [self._outstanding.get(key) for key in list(self._running)]
+            try:
+                self._client.cancel([f for f in outstanding if f is not None])
+            except Exception:  # noqa: S110 - our futures are settled already
+                pass
         self._client.unsubscribe_topic(self._topic)
         self._client.close()
         if self._cluster is not None:
             self._cluster.close()
         self._deadlines.stop()
+
+    def _abandon(self) -> None:
+        # In a forked child: the client's connections and event loop thread are
+        # the parent's. Closed in name only, it is left alone by its __del__
+        # and by distributed's exit hooks.
+        if self._client is not None:
+            self._client.status = "closed"
+        if self._cluster is not None:
+            self._cluster.shutdown_on_close = False

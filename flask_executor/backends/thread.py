@@ -19,12 +19,13 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import TaskTimeoutError
 from ..futures import FutureProxy
-from . import Backend, BackendOptions, complete, settle
+from . import Backend, BackendOptions, cancel_and_notify, complete, settle, stop_unfinished
 
 __all__ = ["ThreadBackend"]
 
@@ -33,7 +34,12 @@ _Item = tuple[FutureProxy[Any], Callable[[], Any]]
 
 class ThreadBackend(Backend):
     """Runs closures in up to ``max_workers`` threads (default, as the
-    standard library: ``min(32, cpu_count + 4)``)."""
+    standard library: ``min(32, cpu_count + 4)``).
+
+    As in :class:`~concurrent.futures.ThreadPoolExecutor`, the threads hold the
+    backend only through a weak reference: a backend nobody references any
+    more lets its threads finish the queue and exit.
+    """
 
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
@@ -41,11 +47,16 @@ class ThreadBackend(Backend):
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
         self._threads: list[threading.Thread] = []
+        #: Futures a thread is running now.
+        self._running: set[FutureProxy[Any]] = set()
         self._lock = threading.Lock()
         self._shutdown = False
         self._deadlines = _Deadlines(
             "the thread cannot be stopped and finishes in the background"
         )
+        # Collected without shutdown(): wake the threads so they exit, and
+        # stop the deadline thread.
+        self._finalizer = weakref.finalize(self, _wake_all, self._queue, self._deadlines)
 
     def submit(self, future: FutureProxy[Any], task: Callable[[], Any]) -> None:
         with self._lock:
@@ -54,61 +65,105 @@ class ThreadBackend(Backend):
             self._queue.put((future, task))
             if not self._idle.acquire(timeout=0) and len(self._threads) < self._max_workers:
                 thread = threading.Thread(
-                    target=self._work,
+                    target=_work,
+                    args=(
+                        self._queue,
+                        self._idle,
+                        self._running,
+                        self._deadlines,
+                        self.options.task_timeout,
+                    ),
                     name=f"flask-executor-{len(self._threads)}",
                     daemon=True,
                 )
                 thread.start()
                 self._threads.append(thread)
 
-    def _work(self) -> None:
-        default_timeout = self.options.task_timeout
-        deadlines = self._deadlines
-        while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.put(None)  # wake the next thread
-                return
-            future, task = item
-            del item
-            if future.set_running_or_notify_cancel():
-                timeout = future._task_timeout or default_timeout
-                if timeout:
-                    deadlines.add(time.monotonic() + timeout, future, timeout)
-                complete(future, task)
-            del future, task
-            self._idle.release()
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
         with self._lock:
             if not self._shutdown:
                 self._shutdown = True
                 if cancel_futures:
-                    while True:
-                        try:
-                            item = self._queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        if item is not None:
-                            item[0].cancel()
+                    self._cancel_queued()
                 self._queue.put(None)
-            threads = list(self._threads)
+            threads = [t for t in self._threads if t is not threading.current_thread()]
         if wait:
+            end = None if timeout is None else time.monotonic() + timeout
             for thread in threads:
-                if thread is not threading.current_thread():
-                    thread.join()
+                thread.join(None if end is None else max(0.0, end - time.monotonic()))
+            if any(thread.is_alive() for thread in threads):
+                # Out of time: what has not started never will; running threads
+                # cannot be stopped, their futures fail now.
+                self._cancel_queued()
+                self._queue.put(None)
+                stop_unfinished(
+                    list(self._running), timeout, "the thread runs on in the background"
+                )
         self._deadlines.stop()
+
+    def _abandon(self) -> None:
+        self._finalizer.detach()
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                cancel_and_notify(item[0])
+
+
+def _wake_all(work_queue: queue.SimpleQueue[_Item | None], deadlines: _Deadlines) -> None:
+    work_queue.put(None)
+    deadlines.stop()
+
+
+def _work(
+    work_queue: queue.SimpleQueue[_Item | None],
+    idle: threading.Semaphore,
+    running: set[FutureProxy[Any]],
+    deadlines: _Deadlines,
+    default_timeout: float | None,
+) -> None:
+    """A worker thread: run queued items until the ``None`` that shutdown (or
+    the backend's collection) puts last, then pass it on to the next thread.
+    It gets what it needs, not the backend, so that it does not keep the
+    backend alive."""
+    while True:
+        item = work_queue.get()
+        if item is None:
+            work_queue.put(None)  # wake the next thread
+            return
+        future, task = item
+        del item
+        if future.set_running_or_notify_cancel():
+            timeout = future._task_timeout or default_timeout
+            if timeout:
+                deadlines.add(time.monotonic() + timeout, future, timeout)
+            running.add(future)
+            try:
+                complete(future, task)
+            finally:
+                running.discard(future)
+        del future, task
+        idle.release()
 
 
 class _Deadlines:
     """One daemon thread that fails futures still running at their deadline.
+
+    It holds the futures weakly: a future nobody waits for any more (and the
+    app its callbacks need) is not kept alive until its deadline.
 
     :param consequence: what happens to the task itself, for the error message.
     """
 
     def __init__(self, consequence: str) -> None:
         self._consequence = consequence
-        self._heap: list[tuple[float, int, FutureProxy[Any], float]] = []
+        self._heap: list[tuple[float, int, weakref.ref[FutureProxy[Any]], float]] = []
         self._counter = itertools.count()
         self._wakeup = threading.Condition()
         self._stopped = False
@@ -116,7 +171,8 @@ class _Deadlines:
 
     def add(self, deadline: float, future: FutureProxy[Any], timeout: float) -> None:
         with self._wakeup:
-            heapq.heappush(self._heap, (deadline, next(self._counter), future, timeout))
+            entry = (deadline, next(self._counter), weakref.ref(future), timeout)
+            heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._loop, name="flask-executor-deadlines", daemon=True
@@ -133,8 +189,11 @@ class _Deadlines:
         with self._wakeup:
             while True:
                 now = time.monotonic()
-                while self._heap and (self._heap[0][0] <= now or self._heap[0][2].done()):
-                    _, _, future, timeout = heapq.heappop(self._heap)
+                while self._heap and (self._heap[0][0] <= now or _gone(self._heap[0][2])):
+                    _, _, ref, timeout = heapq.heappop(self._heap)
+                    future = ref()
+                    if future is None:
+                        continue
                     settle(
                         future,
                         exception=TaskTimeoutError(
@@ -143,9 +202,15 @@ class _Deadlines:
                             f" {self._consequence}"
                         ),
                     )
+                    del future
                 if self._stopped:
-                    self._heap = [entry for entry in self._heap if not entry[2].done()]
+                    self._heap = [entry for entry in self._heap if not _gone(entry[2])]
                     heapq.heapify(self._heap)
                     if not self._heap:
                         return
                 self._wakeup.wait(self._heap[0][0] - now if self._heap else None)
+
+
+def _gone(ref: weakref.ref[FutureProxy[Any]]) -> bool:
+    future = ref()
+    return future is None or future.done()
