@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .errors import (
     BodyNotCapturedError,
+    ConfigKeyNotCopiedError,
     GAttributeNotCopiedError,
     SerializationError,
     TaskTimeoutError,
@@ -20,6 +21,7 @@ __version__ = "2.0.0.dev0"
 
 __all__ = [
     "BodyNotCapturedError",
+    "ConfigKeyNotCopiedError",
     "Executor",
     "ExecutorJob",
     "FutureCollection",

@@ -25,7 +25,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, overload
 from flask import Blueprint, Flask, current_app, has_app_context
 from werkzeug.datastructures import FileStorage
 
-from .appspec import app_spec
+from .appspec import ConfigRules, app_spec
 from .backends import Backend, BackendOptions, PickledTask, create_backend
 from .errors import SerializationError
 from .futures import FutureCollection, FutureProxy
@@ -92,7 +92,7 @@ class _AppState:
     options: BackendOptions
     push_app_context: bool
     propagate_exceptions: bool
-    config_exclude: tuple[str, ...]
+    config_rules: ConfigRules
     max_body: int
     app_factory: str | None
     backend: Backend | None = None
@@ -142,6 +142,7 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_PROPAGATE_EXCEPTIONS``, ``EXECUTOR_PUSH_APP_CONTEXT``,
         ``EXECUTOR_START_METHOD``, ``EXECUTOR_MAX_TASKS_PER_CHILD``,
         ``EXECUTOR_TASK_TIMEOUT``, ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``,
+        ``EXECUTOR_SNAPSHOT_CONFIG_INCLUDE``,
         ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY``,
         ``EXECUTOR_DASK_ADDRESS`` and ``EXECUTOR_DASK_SECURITY`` (see
         :doc:`/config`). May be called for
@@ -162,6 +163,7 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_MAX_TASKS_PER_CHILD": None,
             "EXECUTOR_TASK_TIMEOUT": None,
             "EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE": (),
+            "EXECUTOR_SNAPSHOT_CONFIG_INCLUDE": (),
             "EXECUTOR_SNAPSHOT_MAX_BODY": DEFAULT_MAX_BODY,
             "EXECUTOR_APP_FACTORY": None,
             "EXECUTOR_DASK_ADDRESS": None,
@@ -181,11 +183,13 @@ class Executor(concurrent.futures.Executor):
                 f"{self._key('EXECUTOR_START_METHOD')} = {start_method!r} is not a start"
                 f" method; choose one of {', '.join(map(repr, START_METHODS))}"
             )
-        exclude = value["EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE"] or ()
-        if isinstance(exclude, str):
-            exclude = [part for part in re.split(r"[\s,]+", exclude) if part]
-        # TLS key material never travels to workers.
-        exclude = [*exclude, self._key("EXECUTOR_DASK_SECURITY")]
+        # Dask workers may be other machines: secrets stay home unless included.
+        config_rules = ConfigRules.from_config(
+            value["EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE"],
+            value["EXECUTOR_SNAPSHOT_CONFIG_INCLUDE"],
+            secrets=kind != "dask",
+            prefix=self._prefix,
+        )
         if kind == "dask" and importlib.util.find_spec("distributed") is None:
             raise ImportError(
                 f"{self._key('EXECUTOR_TYPE')} = 'dask' needs Dask's distributed package:"
@@ -204,7 +208,7 @@ class Executor(concurrent.futures.Executor):
             options=options,
             push_app_context=str2bool(value["EXECUTOR_PUSH_APP_CONTEXT"]),
             propagate_exceptions=str2bool(value["EXECUTOR_PROPAGATE_EXCEPTIONS"]),
-            config_exclude=tuple(exclude),
+            config_rules=config_rules,
             # None: no limit.
             max_body=self._int(value, "EXECUTOR_SNAPSHOT_MAX_BODY") or sys.maxsize,
             app_factory=value["EXECUTOR_APP_FACTORY"],
@@ -338,7 +342,7 @@ class Executor(concurrent.futures.Executor):
             snap = capture(max_body=state.max_body, for_thread=not backend.pickles)
         task: Any
         if backend.pickles:
-            spec_version, spec = app_spec(app, state.config_exclude, state.app_factory)
+            spec_version, spec = app_spec(app, state.config_rules, state.app_factory)
             try:
                 payload = dumps_call(fn, args, kwargs, snap, by_value_main=backend.by_value_main)
             except SerializationError:

@@ -119,6 +119,7 @@ def test_all_is_pinned() -> None:
             "TaskTimeoutError",
             "BodyNotCapturedError",
             "GAttributeNotCopiedError",
+            "ConfigKeyNotCopiedError",
             "current_task",
         ]
     )

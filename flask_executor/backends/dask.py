@@ -80,6 +80,36 @@ def _run_on_worker(
     return run_call(payload, spec, push_context, chunked, publish)
 
 
+_plaintext_warned: set[str] = set()
+_LOOPBACK_HOSTS = ("localhost", "127.", "[::1]", "::1")
+
+
+def _warn_if_plaintext(address: Any, security: Any) -> None:
+    """Warn once per address when a scheduler that is not on this machine is
+    reached without TLS: tasks, their request snapshots and results would
+    cross the network in clear."""
+    if not isinstance(address, str):
+        return
+    scheme, _, rest = address.rpartition("://")
+    if scheme == "tls" or getattr(security, "require_encryption", False):
+        return
+    if scheme in ("inproc", "ucx") or rest.startswith(_LOOPBACK_HOSTS):
+        return
+    with _warn_lock:
+        if rest in _plaintext_warned:
+            return
+        _plaintext_warned.add(rest)
+    logger.warning(
+        "EXECUTOR_DASK_ADDRESS %r is not on this machine and is reached without TLS:"
+        " tasks, request snapshots and results cross the network in clear. Use a"
+        " tls:// address with EXECUTOR_DASK_SECURITY (see docs/security.rst).",
+        address,
+    )
+
+
+_warn_lock = threading.Lock()
+
+
 def _cancel_if_cancelled(dask_future: Any, future: Any) -> None:
     if future.cancelled():
         dask_future.cancel()
@@ -113,6 +143,7 @@ class DaskBackend(Backend):
             if self._client is None:
                 options = self.options
                 if options.dask_address:
+                    _warn_if_plaintext(options.dask_address, options.dask_security)
                     self._client = distributed.Client(
                         options.dask_address,
                         security=options.dask_security,
