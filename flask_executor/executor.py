@@ -519,8 +519,8 @@ def _thread_task(
     def task() -> T:
         token = _current_task.set(TaskHandle(publish))
         try:
-            if snap is None:
-                return fn(*args, **kwargs)
+            if snap is None:  # EXECUTOR_PUSH_APP_CONTEXT = False; async def still runs
+                return app.ensure_sync(fn)(*args, **kwargs)  # type: ignore[no-any-return]
             with restore(app, snap):
                 return app.ensure_sync(fn)(*args, **kwargs)  # type: ignore[no-any-return]
         finally:

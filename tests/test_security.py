@@ -176,3 +176,18 @@ def test_warns_once_for_a_remote_dask_address_without_tls(
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1, warnings
     assert "10.1.2.3" in warnings[0] and "TLS" in warnings[0]
+
+
+# -- 9. async tasks without an app context ---------------------------------------------
+
+
+async def async_answer(value: int) -> int:
+    return value * 2
+
+
+def test_thread_async_task_is_awaited_without_app_context(
+    make_thread_executor: Callable[..., Executor],
+) -> None:
+    app = create_app()
+    executor = make_thread_executor(app, EXECUTOR_PUSH_APP_CONTEXT=False)
+    assert executor.submit(async_answer, 21).result(timeout=TIMEOUT) == 42
