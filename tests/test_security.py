@@ -3,15 +3,18 @@ can make the web process do. See docs/security.rst."""
 
 from __future__ import annotations
 
+import io
 import logging
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from flask import Flask, current_app
+from flask import Flask, current_app, request
 from support import TIMEOUT, create_app
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from flask_executor import ConfigKeyNotCopiedError, Executor
+from flask_executor import BodyNotCapturedError, ConfigKeyNotCopiedError, Executor
 
 Register = Callable[[Executor], Executor]
 
@@ -191,3 +194,130 @@ def test_thread_async_task_is_awaited_without_app_context(
     app = create_app()
     executor = make_thread_executor(app, EXECUTOR_PUSH_APP_CONTEXT=False)
     assert executor.submit(async_answer, 21).result(timeout=TIMEOUT) == 42
+
+
+# -- 3. request bodies are read only up to the limit --------------------------------------
+
+MiB = 1024 * 1024
+
+
+class EndlessBody(io.RawIOBase):
+    """A chunked request body of ``size`` bytes produced on demand (no Content-Length)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.left = size
+        self.produced = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self.left, MiB)
+        buffer[:count] = b"x" * count
+        self.left -= count
+        self.produced += count
+        return count
+
+
+def body_length() -> int:
+    return len(request.get_data())
+
+
+def chunked_context(app: Flask, body: io.RawIOBase) -> Any:
+    # What a server that de-chunks a Transfer-Encoding: chunked request passes on.
+    return app.test_request_context("/path/1", method="POST", **chunked(body))
+
+
+def chunked(body: io.RawIOBase) -> dict[str, Any]:
+    """Test-client arguments for a request as a server passes on a de-chunked
+    ``Transfer-Encoding: chunked`` body: no Content-Length, ``wsgi.input_terminated``."""
+    return {
+        "headers": {"Transfer-Encoding": "chunked"},
+        "environ_overrides": {
+            "wsgi.input": io.BufferedReader(body),
+            "wsgi.input_terminated": True,
+        },
+    }
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_chunked_body_over_the_limit_is_read_only_to_the_limit(
+    shutdown_after: Register, kind: str
+) -> None:
+    app = create_app()
+    app.config.update(EXECUTOR_TYPE=kind, EXECUTOR_SNAPSHOT_MAX_BODY=MiB)
+    executor = shutdown_after(Executor(app))
+    body = EndlessBody(64 * MiB)
+    with chunked_context(app, body):
+        assert request.content_length is None
+        tracemalloc.start()
+        try:
+            future = executor.submit(body_length)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert body.produced <= 3 * MiB
+        assert peak < 8 * MiB, f"submit() allocated {peak / MiB:.0f} MiB"
+        with pytest.raises(BodyNotCapturedError, match="EXECUTOR_SNAPSHOT_MAX_BODY"):
+            future.result(timeout=TIMEOUT)
+        # The view still reads the whole body, as if submit() had not looked at it.
+        assert len(request.get_data()) == 64 * MiB
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_chunked_body_within_the_limit_reaches_task_and_view(
+    shutdown_after: Register, kind: str
+) -> None:
+    app = create_app()
+    app.config.update(EXECUTOR_TYPE=kind)
+    executor = shutdown_after(Executor(app))
+    with chunked_context(app, EndlessBody(1000)):
+        future = executor.submit(body_length)
+        assert request.get_data() == b"x" * 1000
+    assert future.result(timeout=TIMEOUT) == 1000
+
+
+def test_chunked_body_respects_max_content_length(shutdown_after: Register) -> None:
+    app = create_app()
+    app.config.update(
+        EXECUTOR_TYPE="process", EXECUTOR_SNAPSHOT_MAX_BODY=None, MAX_CONTENT_LENGTH=2 * MiB
+    )
+    executor = shutdown_after(Executor(app))
+    with chunked_context(app, EndlessBody(64 * MiB)):
+        try:
+            without_submit: Any = len(request.get_data())
+        except RequestEntityTooLarge as exc:
+            without_submit = exc.code
+    body = EndlessBody(64 * MiB)
+    with chunked_context(app, body):
+        future = executor.submit(body_length)
+        assert body.produced <= 4 * MiB
+        try:  # the view sees what Werkzeug gives it without submit()
+            assert len(request.get_data()) == without_submit
+        except RequestEntityTooLarge as exc:
+            assert exc.code == without_submit
+    with pytest.raises(BodyNotCapturedError, match="MAX_CONTENT_LENGTH"):
+        future.result(timeout=TIMEOUT)
+
+
+def test_chunked_request_through_the_test_client(shutdown_after: Register) -> None:
+    app = create_app()
+    app.config.update(EXECUTOR_TYPE="process", EXECUTOR_SNAPSHOT_MAX_BODY=MiB)
+    executor = shutdown_after(Executor(app))
+    outcome: dict[str, Any] = {}
+
+    def view(item_id: int) -> str:
+        future = executor.submit(body_length)
+        try:
+            future.result(timeout=TIMEOUT)
+        except BodyNotCapturedError as exc:
+            outcome["error"] = str(exc)
+        return str(len(request.get_data()))
+
+    app.extensions["test_view"] = view
+    body = EndlessBody(16 * MiB)
+    response = app.test_client().post("/view/1", **chunked(body))
+    assert response.status_code == 200
+    assert response.text == str(16 * MiB)
+    assert "EXECUTOR_SNAPSHOT_MAX_BODY" in outcome["error"]
