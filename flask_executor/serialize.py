@@ -15,6 +15,7 @@ import importlib
 import io
 import pickle
 from collections import ChainMap
+from contextvars import ContextVar
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,7 +26,15 @@ from werkzeug.local import LocalProxy
 
 from .errors import SerializationError
 
-__all__ = ["copy_filestorage", "dumps", "dumps_call", "import_object", "loads", "type_name"]
+__all__ = [
+    "copy_filestorage",
+    "dumps",
+    "dumps_call",
+    "dumps_nested",
+    "import_object",
+    "loads",
+    "type_name",
+]
 
 loads = pickle.loads
 
@@ -151,6 +160,25 @@ def dumps(obj: object, *, by_value_main: bool = True) -> bytes:
         value (needed for cluster workers, which do not run the web process's
         main script; process workers do, so they can take them by reference).
     """
+    token = _by_value_main.set(by_value_main)
+    try:
+        return _dumps(obj, by_value_main)
+    finally:
+        _by_value_main.reset(token)
+
+
+#: How the :func:`dumps` call in progress pickles ``__main__`` (for :func:`dumps_nested`).
+_by_value_main: ContextVar[bool] = ContextVar("flask_executor.by_value_main", default=True)
+
+
+def dumps_nested(obj: object) -> bytes:
+    """Pickle ``obj`` on its own from inside a :func:`dumps` call (a
+    ``__getstate__``), the way that call pickles: its bytes unpickle, or fail
+    to, separately from the rest."""
+    return dumps(obj, by_value_main=_by_value_main.get())
+
+
+def _dumps(obj: object, by_value_main: bool) -> bytes:
     buffer = io.BytesIO()
     if not by_value_main:
         try:

@@ -35,7 +35,7 @@ from werkzeug.test import encode_multipart
 from werkzeug.wrappers import Request
 
 from .errors import BodyNotCapturedError, GAttributeNotCopiedError
-from .serialize import copy_filestorage, dumps, type_name
+from .serialize import copy_filestorage, dumps, dumps_nested, loads, type_name
 
 __all__ = ["RequestSnapshot", "Snapshot", "capture", "restore"]
 
@@ -95,6 +95,22 @@ class Snapshot:
     g: dict[str, Any]
     omitted_g: dict[str, str] = field(default_factory=dict)
     request: RequestSnapshot | None = None
+    #: In a pickled snapshot, the ``g`` values that are not atomic, each
+    #: pickled on its own: one that fails to unpickle in the worker (the
+    #: worker runs another version of its class) fails only the tasks that
+    #: read it, with :exc:`GAttributeNotCopiedError`.
+    g_pickled: dict[str, bytes] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        values = self.g
+        if any(type(value) not in _ATOMIC for value in values.values()):
+            state["g"] = {k: v for k, v in values.items() if type(v) in _ATOMIC}
+            state["g_pickled"] = {
+                **self.g_pickled,
+                **{k: dumps_nested(v) for k, v in values.items() if type(v) not in _ATOMIC},
+            }
+        return state
 
     def picklable(self) -> Snapshot:
         """A copy without the values that cannot be pickled (they are listed
@@ -199,9 +215,21 @@ def _g_restore(snap: Snapshot) -> None:
     target = g._get_current_object()
     for name, value in snap.g.items():
         setattr(target, name, value)
-    if snap.omitted_g:
+    reasons = {
+        name: f"its value ({kind}) could not be pickled or copied"
+        for name, kind in snap.omitted_g.items()
+    }
+    for name, data in snap.g_pickled.items():
+        try:
+            setattr(target, name, loads(data))
+        except Exception as exc:
+            reasons[name] = (
+                f"its value could not be unpickled in the worker ({type_name(exc)}: {exc});"
+                " do the web process and the worker run the same version of its code?"
+            )
+    if reasons:
         # g's own __setattr__ would store "__class__" as an attribute.
-        object.__setattr__(target, "__class__", _omitting_class(type(target), snap.omitted_g))
+        object.__setattr__(target, "__class__", _omitting_class(type(target), reasons))
 
 
 _omitting_classes: dict[tuple[type, frozenset[tuple[str, str]]], type] = {}
@@ -210,7 +238,7 @@ _omitting_lock = threading.Lock()
 
 def _omitting_class(base: type, omitted: dict[str, str]) -> type:
     """A subclass of the app's ``g`` class whose missing-attribute error says
-    that the attribute was left out and why."""
+    that the attribute was left out and why (``omitted``: name to reason)."""
     key = (base, frozenset(omitted.items()))
     with _omitting_lock:
         cls = _omitting_classes.get(key)
@@ -223,9 +251,8 @@ def _omitting_class(base: type, omitted: dict[str, str]) -> type:
             reason = reasons.get(name)
             if reason is not None:
                 raise GAttributeNotCopiedError(
-                    f"g.{name} was not copied into this task: its value ({reason}) could"
-                    " not be pickled or copied. Create it inside the task, e.g."
-                    f" `if {name!r} not in g: g.{name} = ...`."
+                    f"g.{name} was not copied into this task: {reason}. Create it inside"
+                    f" the task, e.g. `if {name!r} not in g: g.{name} = ...`."
                 )
             if parent is not None:
                 return parent(self, name)

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from flask import Flask, current_app, request
+from flask import Flask, current_app, g, request
 from support import TIMEOUT, create_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from flask_executor import BodyNotCapturedError, ConfigKeyNotCopiedError, Executor
+from flask_executor import (
+    BodyNotCapturedError,
+    ConfigKeyNotCopiedError,
+    Executor,
+    GAttributeNotCopiedError,
+)
 
 Register = Callable[[Executor], Executor]
 
@@ -321,3 +327,48 @@ def test_chunked_request_through_the_test_client(shutdown_after: Register) -> No
     assert response.status_code == 200
     assert response.text == str(16 * MiB)
     assert "EXECUTOR_SNAPSHOT_MAX_BODY" in outcome["error"]
+
+
+# -- 6. a g value that does not unpickle in the worker ------------------------------------
+
+
+def _skewed_restore(web_pid: int, value: str) -> Skewed:
+    if os.getpid() != web_pid:  # the worker runs another version of the code
+        raise ModuleNotFoundError("No module named 'skewed_v2'")
+    return Skewed(value)
+
+
+class Skewed:
+    """A g value that pickles in the web process and fails to unpickle in a worker."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _skewed_restore, (os.getpid(), self.value)
+
+
+def g_report() -> dict[str, Any]:
+    return {"user": g.user, "has_skewed": "skewed" in g}
+
+
+def g_skewed() -> Any:
+    return g.skewed
+
+
+@pytest.mark.parametrize("executor_type", ["process-forkserver", "dask"])
+def test_g_value_that_fails_to_unpickle_fails_only_its_readers(
+    app: Flask, make_executor: Callable[..., Executor]
+) -> None:
+    executor = make_executor(app)
+    with app.test_request_context("/path/1"):
+        g.user = "alice"
+        g.skewed = Skewed("v1")
+        unaffected = executor.submit(g_report)
+        reader = executor.submit(g_skewed)
+        assert unaffected.result(timeout=TIMEOUT) == {"user": "alice", "has_skewed": False}
+        with pytest.raises(GAttributeNotCopiedError) as info:
+            reader.result(timeout=TIMEOUT)
+    message = str(info.value)
+    assert "g.skewed" in message and "No module named 'skewed_v2'" in message
+    assert "unpickle" in message and "arguments" not in message
