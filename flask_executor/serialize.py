@@ -15,8 +15,8 @@ import importlib
 import io
 import pickle
 from collections import ChainMap
-from contextvars import ContextVar
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import Any
 
 import cloudpickle

@@ -436,7 +436,7 @@ def _unsized_body_reduce(
     # request.stream is built over what is put back, with Werkzeug's own checks.
     source = req.stream if touched else req.environ["wsgi.input"]
     probe = _BoundedReader(source, limit + 1)
-    req.stream = probe  # type: ignore[misc]  # cached_property: assignable
+    req.stream = probe  # type: ignore[assignment]  # a cached_property: assignable
     too_large_error = False
     try:
         data: bytes | None = req.get_data(cache=False)  # the view's cached data, or the probe

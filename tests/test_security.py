@@ -4,15 +4,18 @@ can make the web process do. See docs/security.rst."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import pickle
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask, current_app, g, request
-from support import TIMEOUT, create_app
+from support import TIMEOUT, create_app, touch, wait_for_path, wait_until
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from flask_executor import (
@@ -20,6 +23,7 @@ from flask_executor import (
     ConfigKeyNotCopiedError,
     Executor,
     GAttributeNotCopiedError,
+    current_task,
 )
 
 Register = Callable[[Executor], Executor]
@@ -372,3 +376,80 @@ def test_g_value_that_fails_to_unpickle_fails_only_its_readers(
     message = str(info.value)
     assert "g.skewed" in message and "No module named 'skewed_v2'" in message
     assert "unpickle" in message and "arguments" not in message
+
+
+# -- 4. the Dask event channel carries plain data ---------------------------------------
+
+
+class _Touch:
+    """Unpickling this creates ``path``: proof that a message was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return open, (self.path, "w")
+
+
+def report_progress(gate: str) -> str:
+    current_task.update(progress=[1, 2], stage={"name": "upload", "parts": [3]})
+    wait_for_path(gate)
+    return "done"
+
+
+def update_with(value: Any) -> None:
+    current_task.update(when=value)
+
+
+def test_dask_events_are_parsed_never_unpickled(
+    app: Flask, shutdown_after: Register, dask_scheduler_address: str, tmp_path: Path
+) -> None:
+    import distributed
+
+    app.config.update(EXECUTOR_TYPE="dask", EXECUTOR_DASK_ADDRESS=dask_scheduler_address)
+    executor = shutdown_after(Executor(app))
+    gate = str(tmp_path / "gate")
+    marker = str(tmp_path / "unpickled")
+    with app.app_context():
+        future = executor.submit(report_progress, gate)
+        wait_until(future.running)
+    backend: Any = executor._states[app].backend
+    topic = backend._topic
+    (key,) = backend._running
+    evil = pickle.dumps(_Touch(marker))
+    with distributed.Client(dask_scheduler_address, set_as_default=False) as intruder:
+        for message in [
+            evil,
+            {"kind": "meta", "key": key, "data": evil},
+            {"kind": "log", "key": key, "data": evil},
+            "not json {",
+            json.dumps({"kind": "meta", "key": key, "data": ["not", "a", "dict"]}),
+            json.dumps({"kind": "meta", "key": "flask-executor-foreign", "data": {"x": 1}}),
+            json.dumps({"kind": "start", "key": "flask-executor-foreign"}),
+            json.dumps({"kind": "log", "key": "flask-executor-foreign", "data": {"msg": "x"}}),
+            json.dumps([1, 2, 3]),
+            12345,
+        ]:
+            intruder.log_event(topic, message)
+    wait_until(lambda: "progress" in future.meta)
+    assert future.meta == {"progress": [1, 2], "stage": {"name": "upload", "parts": [3]}}
+    touch(gate)
+    assert future.result(timeout=TIMEOUT) == "done"
+    assert not os.path.exists(marker)
+    with app.app_context():  # the executor still works
+        assert executor.submit(g_report_plain).result(timeout=TIMEOUT) == "ok"
+
+
+def g_report_plain() -> str:
+    return "ok"
+
+
+def test_dask_meta_that_is_not_json_fails_clearly(
+    app: Flask, shutdown_after: Register, dask_scheduler_address: str
+) -> None:
+    app.config.update(EXECUTOR_TYPE="dask", EXECUTOR_DASK_ADDRESS=dask_scheduler_address)
+    executor = shutdown_after(Executor(app))
+    with app.app_context():
+        future = executor.submit(update_with, {1, 2})
+        with pytest.raises(TypeError, match=r"current_task.update\(\).*'when'.*JSON"):
+            future.result(timeout=TIMEOUT)
