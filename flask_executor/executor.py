@@ -539,15 +539,25 @@ def _send_outcome(app: Flask, key: Hashable | None, future: Future[Any]) -> None
         task_failed.send(app, future=future, key=key, exception=exception)
 
 
-def _callback_context(
-    app: Flask, snap: Snapshot | None
-) -> Callable[[], AbstractContextManager[Any]]:
-    def factory() -> AbstractContextManager[Any]:
-        if snap is None:
-            return app.app_context() if not has_app_context() else nullcontext()
-        return restore(app, snap)
+class _callback_context:
+    """The context a future's done callbacks run in: the submitting request's
+    (from ``snap``) until :meth:`release`, which the future calls once done, so
+    that a finished future holds nothing of the request; the app's after."""
 
-    return factory
+    __slots__ = ("app", "snap")
+
+    def __init__(self, app: Flask, snap: Snapshot | None) -> None:
+        self.app = app
+        self.snap = snap
+
+    def __call__(self) -> AbstractContextManager[Any]:
+        snap = self.snap
+        if snap is None:
+            return self.app.app_context() if not has_app_context() else nullcontext()
+        return restore(self.app, snap)
+
+    def release(self) -> None:
+        self.snap = None
 
 
 def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

@@ -3,12 +3,14 @@ can make the web process do. See docs/security.rst."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
 import os
 import pickle
 import tracemalloc
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -453,3 +455,100 @@ def test_dask_meta_that_is_not_json_fails_clearly(
         future = executor.submit(update_with, {1, 2})
         with pytest.raises(TypeError, match=r"current_task.update\(\).*'when'.*JSON"):
             future.result(timeout=TIMEOUT)
+
+
+# -- 5. finished futures hold their outcome, not the request ------------------------------
+
+
+class Tracked:
+    """A g value that remembers (weakly) every copy made of it for a task."""
+
+    def __init__(self, copies: list[weakref.ref[Tracked]] | None = None) -> None:
+        self.copies = copies if copies is not None else []
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tracked:
+        new = Tracked(self.copies)
+        self.copies.append(weakref.ref(new))
+        return new
+
+
+def noop() -> str:
+    return "ok"
+
+
+def held_memory(base: int) -> int:
+    return tracemalloc.get_traced_memory()[0] - base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_finished_futures_hold_nothing_of_the_request(
+    shutdown_after: Register, kind: str
+) -> None:
+    app = create_app()
+    app.config.update(EXECUTOR_TYPE=kind, EXECUTOR_SNAPSHOT_MAX_BODY=None)
+    executor = shutdown_after(Executor(app))
+    assert executor.submit(noop).result(timeout=TIMEOUT) == "ok"  # workers up
+    callback_paths: list[str] = []
+    tracked = Tracked()
+    refs: list[weakref.ref[Any]] = []
+    futures = []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        for _ in range(20):
+            value = Tracked(tracked.copies)
+            refs.append(weakref.ref(value))
+            with app.test_request_context(
+                "/path/1",
+                method="POST",
+                data=b"x" * (10 * MiB),
+                headers={"Cookie": "session=secret-cookie", "Authorization": "Bearer t"},
+            ):
+                g.tracked = value
+                request.get_data()  # the view read its body
+                future = executor.submit(noop)
+                future.add_done_callback(lambda f: callback_paths.append(request.path))
+                futures.append(future)
+            del value
+        assert [f.result(timeout=TIMEOUT) for f in futures] == ["ok"] * 20
+        wait_until(lambda: len(callback_paths) == 20)
+        # Done callbacks added before completion ran with the request's context.
+        assert callback_paths == ["/path/1"] * 20
+        gc.collect()  # the view's own request (environ <-> request) is a cycle
+        try:
+            wait_until(lambda: held_memory(base) < 40 * MiB)
+        except AssertionError:
+            pytest.fail(f"20 finished futures hold {held_memory(base) / MiB:.0f} MiB")
+        assert [ref for ref in refs if ref() is not None] == []
+        assert [ref for ref in tracked.copies if ref() is not None] == []
+    finally:
+        tracemalloc.stop()
+    assert all(f.done() for f in futures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_finished_futures_free_their_payload_without_the_cyclic_gc(
+    shutdown_after: Register, kind: str
+) -> None:
+    app = create_app()
+    app.config.update(EXECUTOR_TYPE=kind)
+    executor = shutdown_after(Executor(app))
+    assert executor.submit(noop).result(timeout=TIMEOUT) == "ok"  # workers up
+    gc.collect()
+    gc.disable()  # a reference cycle must not be what frees a payload
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        with app.app_context():
+            futures = [executor.submit(len, b"x" * (10 * MiB)) for _ in range(20)]
+        assert [f.result(timeout=TIMEOUT) for f in futures] == [10 * MiB] * 20
+        try:
+            wait_until(lambda: held_memory(base) < 40 * MiB)
+        except AssertionError:
+            pytest.fail(f"20 finished futures hold {held_memory(base) / MiB:.0f} MiB")
+    finally:
+        tracemalloc.stop()
+        gc.enable()
