@@ -101,7 +101,7 @@ class FutureProxy(Future[T], Generic[T]):
         payload; in process mode also a reference cycle back to this future)
         and the snapshot behind the callback context. A callback added from
         now on runs in the app context only."""
-        self._done_callbacks = []
+        self._done_callbacks: list[Callable[[Future[T]], object]] = []
         self._stop_running = None
         release = getattr(self._context_factory, "release", None)
         if release is not None:
@@ -129,7 +129,7 @@ class FutureProxy(Future[T], Generic[T]):
                 waiter.add_cancelled(self)
             self._condition.notify_all()
         stop()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         return True
 
     def __await__(self) -> Generator[Any, None, T]:
