@@ -30,7 +30,7 @@ from .backends import Backend, BackendOptions, PickledTask, create_backend
 from .errors import SerializationError
 from .futures import FutureCollection, FutureProxy
 from .jobs import ExecutorJob
-from .serialize import copy_filestorage, dumps_call
+from .serialize import copy_filestorage, dumps_call, remove_files, spilled_uploads
 from .signals import task_failed, task_finished, task_submitted
 from .snapshot import Snapshot, capture, restore
 from .status import status_blueprint
@@ -341,18 +341,31 @@ class Executor(concurrent.futures.Executor):
         if state.push_app_context:
             snap = capture(max_body=state.max_body, for_thread=not backend.pickles)
         task: Any
+        spilled: list[str] = []
         if backend.pickles:
             spec_version, spec = app_spec(app, state.config_rules, state.app_factory)
-            try:
-                payload = dumps_call(fn, args, kwargs, snap, by_value_main=backend.by_value_main)
-            except SerializationError:
-                if snap is None:
-                    raise
-                # Leave out what cannot travel (g.db, a lock); reading it in the
-                # task says so. Raises again, naming it, if fn or an argument fails.
-                snap = snap.picklable()
-                payload = dumps_call(fn, args, kwargs, snap, by_value_main=backend.by_value_main)
+            with spilled_uploads() as spilled:  # large uploads travel as files
+                try:
+                    payload = dumps_call(
+                        fn, args, kwargs, snap, by_value_main=backend.by_value_main
+                    )
+                except SerializationError:
+                    if snap is None:
+                        remove_files(spilled)
+                        raise
+                    # Leave out what cannot travel (g.db, a lock); reading it in the
+                    # task says so. Raises again, naming it, if fn or an argument fails.
+                    snap = snap.picklable()
+                    try:
+                        payload = dumps_call(
+                            fn, args, kwargs, snap, by_value_main=backend.by_value_main
+                        )
+                    except BaseException:
+                        remove_files(spilled)
+                        raise
         future: FutureProxy[T] = FutureProxy(_callback_context(app, snap), timeout)
+        if spilled:  # the worker removes what it opened; this, what no task opened
+            Future.add_done_callback(future, functools.partial(remove_files, spilled))
         if backend.pickles:
             task = PickledTask(payload, spec_version, spec, state.push_app_context, chunked)
         else:

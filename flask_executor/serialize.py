@@ -13,9 +13,13 @@ from __future__ import annotations
 import copyreg
 import importlib
 import io
+import os
 import pickle
+import shutil
+import tempfile
 from collections import ChainMap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -33,6 +37,8 @@ __all__ = [
     "dumps_nested",
     "import_object",
     "loads",
+    "remove_files",
+    "spilled_uploads",
     "type_name",
 ]
 
@@ -48,6 +54,14 @@ def type_name(obj: object) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
+#: Uploads larger than this go to process workers as a temporary file rather
+#: than inside the payload, so the web process holds no copy of them.
+UPLOAD_FILE_THRESHOLD = 1024 * 1024
+_COPY_CHUNK = 1024 * 1024
+#: Temporary files spilled by the :func:`spilled_uploads` block in progress.
+_spilled: ContextVar[list[str] | None] = ContextVar("flask_executor.spilled", default=None)
+
+
 def _filestorage_reduce(storage: FileStorage) -> tuple[Callable[..., FileStorage], tuple[Any, ...]]:
     stream = storage.stream
     try:  # not seekable() : SpooledTemporaryFile has no such method before 3.11
@@ -55,16 +69,70 @@ def _filestorage_reduce(storage: FileStorage) -> tuple[Callable[..., FileStorage
         stream.seek(0)
     except (AttributeError, OSError, ValueError):
         position = None
-    data = stream.read()
-    if position is not None:
-        stream.seek(position)
-    return _filestorage_restore, (
-        data,
-        storage.filename,
-        storage.name,
-        storage.content_type,
-        list(storage.headers.items()),
+    meta = (storage.filename, storage.name, storage.content_type, list(storage.headers.items()))
+    try:
+        spilled = _spilled.get()
+        if spilled is not None and position is not None and not _by_value_main.get():
+            # Process workers run on this machine: a large upload travels as a file.
+            size = stream.seek(0, io.SEEK_END)
+            stream.seek(0)
+            if size > UPLOAD_FILE_THRESHOLD:
+                return _filestorage_file_restore, (_spill(stream, spilled), *meta)
+        data = stream.read()
+    finally:
+        if position is not None:
+            stream.seek(position)
+    return _filestorage_restore, (data, *meta)
+
+
+def _spill(stream: Any, spilled: list[str]) -> str:
+    with tempfile.NamedTemporaryFile(
+        prefix=f"flask-executor-upload-{os.getpid()}-", delete=False
+    ) as target:
+        spilled.append(target.name)
+        shutil.copyfileobj(stream, target, _COPY_CHUNK)
+    return target.name
+
+
+def _filestorage_file_restore(
+    path: str,
+    filename: str | None,
+    name: str | None,
+    content_type: str | None,
+    headers: list[tuple[str, str]],
+) -> FileStorage:
+    """In the worker: the upload spilled to ``path``, which is removed at once
+    (the open file stays readable until the task's upload is closed)."""
+    stream = open(path, "rb")  # noqa: SIM115 - owned by the FileStorage
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return FileStorage(
+        stream, filename=filename, name=name, content_type=content_type, headers=Headers(headers)
     )
+
+
+@contextmanager
+def spilled_uploads() -> Iterator[list[str]]:
+    """Collect the temporary files that large uploads are spilled to by the
+    :func:`dumps` calls inside the block (process workers only); remove them
+    with :func:`remove_files` once the task is done (the worker removes each
+    one it opens, so this only matters for tasks that never ran)."""
+    paths: list[str] = []
+    token = _spilled.set(paths)
+    try:
+        yield paths
+    finally:
+        _spilled.reset(token)
+
+
+def remove_files(paths: list[str], *_: object) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _filestorage_restore(

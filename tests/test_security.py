@@ -4,11 +4,13 @@ can make the web process do. See docs/security.rst."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import json
 import logging
 import os
 import pickle
+import tempfile
 import tracemalloc
 import weakref
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 from flask import Flask, current_app, g, request
 from support import TIMEOUT, create_app, touch, wait_for_path, wait_until
+from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from flask_executor import (
@@ -552,3 +555,66 @@ def test_finished_futures_free_their_payload_without_the_cyclic_gc(
     finally:
         tracemalloc.stop()
         gc.enable()
+
+
+# -- 8. big uploads to process tasks ------------------------------------------------------
+
+
+def upload_digest(upload: FileStorage) -> tuple[str | None, int, str]:
+    data = upload.read()
+    return upload.filename, len(data), hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.slow
+def test_big_upload_to_a_process_task_costs_at_most_one_copy(
+    shutdown_after: Register, tmp_path: Path
+) -> None:
+    size = 100 * MiB
+    app = create_app()
+    app.config.update(EXECUTOR_TYPE="process")
+    executor = shutdown_after(Executor(app))
+    assert executor.submit(noop).result(timeout=TIMEOUT) == "ok"  # workers up
+    content = os.urandom(MiB) * (size // MiB)
+    digest = hashlib.sha256(content).hexdigest()
+    with app.test_request_context(
+        "/path/1", method="POST", data={"file": (io.BytesIO(content), "big.bin")}
+    ):
+        upload = request.files["file"]  # parsed: Werkzeug spooled it to a temporary file
+        del content
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            future = executor.submit(upload_digest, upload)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert upload.stream.tell() == 0 and len(upload.read()) == size  # the view's is intact
+        request.environ["wsgi.input"].close()  # the test client's spooled multipart body
+    assert future.result(timeout=60) == ("big.bin", size, digest)
+    extra = peak - base
+    assert extra <= size, f"submit() took {extra / MiB:.0f} MiB for a {size // MiB} MiB upload"
+    # The spilled upload is gone once the task is done.
+    assert not list(Path(tempfile.gettempdir()).glob(f"flask-executor-upload-{os.getpid()}-*"))
+
+
+def test_upload_of_a_cancelled_process_task_is_removed(
+    shutdown_after: Register, tmp_path: Path
+) -> None:
+    app = create_app()
+    app.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+    executor = shutdown_after(Executor(app))
+    gate = str(tmp_path / "gate")
+    pattern = f"flask-executor-upload-{os.getpid()}-*"
+    with app.test_request_context(
+        "/path/1", method="POST", data={"file": (io.BytesIO(b"y" * (3 * MiB)), "a.bin")}
+    ):
+        with app.app_context():
+            blocker = executor.submit(wait_for_path, gate)
+        queued = executor.submit(upload_digest, request.files["file"])
+        assert list(Path(tempfile.gettempdir()).glob(pattern))
+        assert queued.cancel()
+        request.environ["wsgi.input"].close()
+    touch(gate)
+    blocker.result(timeout=TIMEOUT)
+    assert not list(Path(tempfile.gettempdir()).glob(pattern))
