@@ -33,8 +33,9 @@ from _dask import section_dask
 from _external import cold_start, compare_v1
 from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
 from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
+from _upload import section_upload
 
-SECTIONS = ("thread", "process", "config", "cpu", "cold", "dask")
+SECTIONS = ("thread", "process", "config", "cpu", "cold", "dask", "upload")
 TITLES = {
     "thread": "1. thread pool: full context vs raw ThreadPoolExecutor",
     "process": "2. process pool: full context vs raw ProcessPoolExecutor",
@@ -43,6 +44,7 @@ TITLES = {
     "cold": "5. cold start (process)",
     "dask": "6. Dask: ours vs raw client.submit / client.map on the same cluster",
     "compare": "7. Flask-Executor 1.0, each version against its own raw pool",
+    "upload": "8. a large upload passed to a process task: web-process memory",
 }
 CTX_RESULT = ("bench-value", "1", "alice")
 #: A section running longer than this is taken for a hang: every thread's
@@ -407,6 +409,7 @@ TARGETS = {
     "cpu": Target("CPU-bound speedup over serial, 2 workers", 0.8, 0.9, "speedup", None),
     "dask": Target("dask round trip, ours/raw client.submit", 1.25, 1.1, "ratio",
                    ("sequential", "ours")),
+    "upload": Target("upload argument, web-process memory in copies", 1.0, 0.25, "copies", None),
 }  # fmt: skip
 INFO = (
     ("thread", "floor_ratio", "thread round trip, Flask's own floor/raw"),
@@ -416,6 +419,7 @@ INFO = (
     ("dask", "map_ratio", "dask map of 1000 items, ours/client.map"),
     ("cpu", "ours_vs_raw", "CPU-bound total time, ours/raw pool"),
     ("cold", "ratio", "cold start to first result, ours/raw"),
+    ("upload", "time_ratio", "upload to a process task, time to result, ours/raw"),
 )
 #: Flag a headline ratio as noisy when the round-by-round median or the ratio
 #: of the fast quarters differs from it by more than this.
@@ -582,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": section_cpu,
         "cold": section_cold,
         "dask": lambda plan: section_dask(plan, make_app, in_request, sequential),
+        "upload": lambda plan: section_upload(plan, make_app, ours_default_start_method()),
     }
     started = time.perf_counter()
     results: dict[str, Any] = {}

@@ -586,12 +586,13 @@ def test_big_upload_to_a_process_task_costs_at_most_one_copy(
         try:
             base, _ = tracemalloc.get_traced_memory()
             future = executor.submit(upload_digest, upload)
+            outcome = future.result(timeout=60)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
         assert upload.stream.tell() == 0 and len(upload.read()) == size  # the view's is intact
         request.environ["wsgi.input"].close()  # the test client's spooled multipart body
-    assert future.result(timeout=60) == ("big.bin", size, digest)
+    assert outcome == ("big.bin", size, digest)
     extra = peak - base
     assert extra <= size, f"submit() took {extra / MiB:.0f} MiB for a {size // MiB} MiB upload"
     # The spilled upload is gone once the task is done.
