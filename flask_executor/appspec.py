@@ -308,7 +308,7 @@ def restore_app(spec: AppSpec) -> Flask:
         config.clear()
         config.update(entry.base_config)
         config.update(spec.config)
-        if spec.omitted:
+        if spec.omitted or isinstance(config, _OmittingConfig):
             _omitted_config_restore(entry.app, spec, from_factory=bool(spec.factory))
         entry.version = spec.version
     return entry.app

@@ -74,7 +74,8 @@ def _filestorage_reduce(storage: FileStorage) -> tuple[Callable[..., FileStorage
         spilled = _spilled.get()
         if spilled is not None and position is not None and not _by_value_main.get():
             # Process workers run on this machine: a large upload travels as a file.
-            size = stream.seek(0, io.SEEK_END)
+            stream.seek(0, io.SEEK_END)
+            size = stream.tell()
             stream.seek(0)
             if size > UPLOAD_FILE_THRESHOLD:
                 return _filestorage_file_restore, (_spill(stream, spilled), *meta)
