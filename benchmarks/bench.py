@@ -34,8 +34,9 @@ from _external import cold_start, compare_v1
 from _store import section_store
 from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
 from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
+from _upload import section_upload
 
-SECTIONS = ("thread", "process", "config", "cpu", "cold", "dask", "store")
+SECTIONS = ("thread", "process", "config", "cpu", "cold", "dask", "store", "upload")
 TITLES = {
     "thread": "1. thread pool: full context vs raw ThreadPoolExecutor",
     "process": "2. process pool: full context vs raw ProcessPoolExecutor",
@@ -45,6 +46,7 @@ TITLES = {
     "dask": "6. Dask: ours vs raw client.submit / client.map on the same cluster",
     "compare": "7. Flask-Executor 1.0, each version against its own raw pool",
     "store": "8. task stores: submit_stored + poll + pop per task, vs the memory store",
+    "upload": "9. a large upload passed to a process task: web-process memory",
 }
 CTX_RESULT = ("bench-value", "1", "alice")
 #: A section running longer than this is taken for a hang: every thread's
@@ -409,6 +411,7 @@ TARGETS = {
     "cpu": Target("CPU-bound speedup over serial, 2 workers", 0.8, 0.9, "speedup", None),
     "dask": Target("dask round trip, ours/raw client.submit", 1.25, 1.1, "ratio",
                    ("sequential", "ours")),
+    "upload": Target("upload argument, web-process memory in copies", 1.0, 0.25, "copies", None),
 }  # fmt: skip
 INFO = (
     ("thread", "floor_ratio", "thread round trip, Flask's own floor/raw"),
@@ -420,6 +423,7 @@ INFO = (
     ("cold", "ratio", "cold start to first result, ours/raw"),
     ("store", "sqlite_ratio", "stored task with the SQLite store / memory store"),
     ("store", "redis_ratio", "stored task with the Redis store / memory store"),
+    ("upload", "time_ratio", "upload to a process task, time to result, ours/raw"),
 )
 #: Flag a headline ratio as noisy when the round-by-round median or the ratio
 #: of the fast quarters differs from it by more than this.
@@ -587,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         "cold": section_cold,
         "dask": lambda plan: section_dask(plan, make_app, in_request, sequential),
         "store": lambda plan: section_store(plan, make_app),
+        "upload": lambda plan: section_upload(plan, make_app, ours_default_start_method()),
     }
     started = time.perf_counter()
     results: dict[str, Any] = {}

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from .errors import (
     BodyNotCapturedError,
+    ConfigKeyNotCopiedError,
     GAttributeNotCopiedError,
     SerializationError,
-    TaskLostError,
     ShutdownTimeoutError,
+    TaskLostError,
     TaskTimeoutError,
     TerminatedWorkerError,
 )
@@ -22,6 +23,7 @@ __version__ = "2.0.0.dev0"
 
 __all__ = [
     "BodyNotCapturedError",
+    "ConfigKeyNotCopiedError",
     "Executor",
     "ExecutorJob",
     "FutureCollection",

@@ -15,6 +15,7 @@ import fnmatch
 import importlib.util
 import logging
 import os
+import re
 import sys
 import threading
 import uuid
@@ -26,10 +27,11 @@ from typing import Any
 from flask import Flask
 from werkzeug.routing import Rule
 
+from .errors import ConfigKeyNotCopiedError
 from .serialize import dumps, import_object, type_name
 from .snapshot import _NotCopyable, _pickle_check
 
-__all__ = ["AppSpec", "app_spec", "app_token", "restore_app"]
+__all__ = ["AppSpec", "ConfigRules", "app_spec", "app_token", "restore_app"]
 
 logger = logging.getLogger("flask_executor")
 
@@ -55,6 +57,89 @@ class AppSpec:
     subdomain_matching: bool
     rules: list[dict[str, Any]]
     config: dict[str, Any]
+    #: Keys left out of ``config``, with the message a task reading one gets.
+    omitted: dict[str, str] = field(default_factory=dict)
+
+
+#: Never sent to any worker, by any executor: TLS key material.
+ALWAYS_EXCLUDED = ("*EXECUTOR_DASK_SECURITY",)
+#: Kept from Dask workers (possibly other machines) unless
+#: ``EXECUTOR_SNAPSHOT_CONFIG_INCLUDE`` opts them in; string values that are
+#: URLs with a password (``postgresql://user:password@host/db``) too.
+SECRET_PATTERNS = (
+    "SECRET_KEY",
+    "SECRET_KEY_FALLBACKS",
+    "*SECRET*",
+    "*PASSWORD*",
+    "*_TOKEN",
+    "*_API_KEY",
+    "*_PRIVATE_KEY",
+    "*CREDENTIALS*",
+)
+_URL_WITH_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:[^/?#@\s]+@")
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+def _patterns(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A config list of keys or patterns: a sequence, or a comma/space separated string."""
+    if not value:
+        return ()
+    if isinstance(value, str):
+        return tuple(part for part in re.split(r"[\s,]+", value) if part)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class ConfigRules:
+    """Which config keys one executor sends to its workers.
+
+    :param exclude: ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``: never sent.
+    :param include: ``EXECUTOR_SNAPSHOT_CONFIG_INCLUDE``: secrets sent anyway.
+    :param secrets: send keys that look like secrets (process workers: same
+        user, same machine); ``False`` for Dask workers.
+    :param prefix: the executor's config prefix, for messages.
+    """
+
+    exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    secrets: bool = True
+    prefix: str = ""
+
+    @classmethod
+    def from_config(
+        cls,
+        exclude: str | Sequence[str] | None,
+        include: str | Sequence[str] | None,
+        *,
+        secrets: bool,
+        prefix: str = "",
+    ) -> ConfigRules:
+        return cls(_patterns(exclude), _patterns(include), secrets, prefix)
+
+    def left_out(self, key: str, value: Any) -> str | None:
+        """Why ``key`` is not sent, or ``None`` if it is."""
+        if _matches(key, ALWAYS_EXCLUDED):
+            return f"config[{key!r}] holds TLS key material and is never sent to workers"
+        if self.exclude and _matches(key, self.exclude):
+            return (
+                f"config[{key!r}] matches {self.prefix}EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE,"
+                " so it is not sent to workers; remove it from that list, or set it in"
+                " the worker's EXECUTOR_APP_FACTORY app"
+            )
+        if self.secrets or (self.include and _matches(key, self.include)):
+            return None
+        if _matches(key, SECRET_PATTERNS) or (
+            isinstance(value, str) and _URL_WITH_PASSWORD.match(value)
+        ):
+            return (
+                f"config[{key!r}] looks like a secret, and secrets are not sent to Dask"
+                f" workers; add it to {self.prefix}EXECUTOR_SNAPSHOT_CONFIG_INCLUDE to"
+                " send it, or set it in the worker's EXECUTOR_APP_FACTORY app"
+            )
+        return None
 
 
 @dataclass
@@ -66,7 +151,10 @@ class _SpecCache:
     warned: set[str] = field(default_factory=set)
 
 
-_spec_caches: weakref.WeakKeyDictionary[Flask, _SpecCache] = weakref.WeakKeyDictionary()
+#: Per app, one spec per executor (its rules and factory).
+_spec_caches: weakref.WeakKeyDictionary[
+    Flask, dict[tuple[ConfigRules, str | None], _SpecCache]
+] = weakref.WeakKeyDictionary()
 _spec_lock = threading.Lock()
 #: Live apps by token, so that workers forked from this process find theirs.
 _live_apps: weakref.WeakValueDictionary[str, Flask] = weakref.WeakValueDictionary()
@@ -84,16 +172,19 @@ def app_token(app: Flask) -> str:
         return token
 
 
-def app_spec(app: Flask, exclude: Sequence[str], factory: str | None) -> tuple[str, bytes]:
-    """``(version, pickled AppSpec)`` for ``app``'s current config and routes.
+def app_spec(app: Flask, rules: ConfigRules, factory: str | None) -> tuple[str, bytes]:
+    """``(version, pickled AppSpec)`` for ``app``'s current config and routes,
+    as one executor (its ``rules`` and ``factory``) sends them.
 
-    Cached: as long as the config compares equal key by key and no view was
-    added, the same version and bytes are returned without pickling anything,
-    so the per-task cost does not grow with the size of the config.
+    Cached per app and executor: as long as the config compares equal key by
+    key and no view was added, the same version and bytes are returned without
+    pickling anything, so the per-task cost does not grow with the size of the
+    config.
     """
     config = app.config
+    key = (rules, factory)
     with _spec_lock:
-        cache = _spec_caches.get(app)
+        cache = _spec_caches.get(app, {}).get(key)
     try:
         if cache is not None and cache.view_count == len(app.view_functions):
             if config == cache.config:
@@ -101,22 +192,31 @@ def app_spec(app: Flask, exclude: Sequence[str], factory: str | None) -> tuple[s
     except Exception:  # values whose == is not a bool (arrays): rebuild
         pass
     warned = cache.warned if cache is not None else set()
-    spec = _app_reduce(app, exclude, factory, warned)
+    spec = _app_reduce(app, rules, factory, warned)
     payload = dumps(spec)
     new = _SpecCache(dict(config), len(app.view_functions), spec.version, payload, warned)
     with _spec_lock:
-        _spec_caches[app] = new
+        _spec_caches.setdefault(app, {})[key] = new
     return new.version, new.payload
 
 
-def _config_reduce(app: Flask, exclude: Sequence[str], warned: set[str]) -> dict[str, Any]:
+def _config_reduce(
+    app: Flask, rules: ConfigRules, warned: set[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
     kept: dict[str, Any] = {}
+    omitted: dict[str, str] = {}
     for key, value in app.config.items():
-        if any(fnmatch.fnmatchcase(key, pattern) for pattern in exclude):
+        reason = rules.left_out(key, value)
+        if reason is not None:
+            omitted[key] = reason
             continue
         try:
             kept[key] = _pickle_check(value)
         except _NotCopyable as exc:
+            omitted[key] = (
+                f"config[{key!r}] ({exc}) cannot be pickled, so it is not sent to workers;"
+                " set it in the worker's EXECUTOR_APP_FACTORY app"
+            )
             if key not in warned:
                 warned.add(key)
                 logger.warning(
@@ -125,11 +225,11 @@ def _config_reduce(app: Flask, exclude: Sequence[str], warned: set[str]) -> dict
                     key,
                     exc,
                 )
-    return kept
+    return kept, omitted
 
 
 def _app_reduce(
-    app: Flask, exclude: Sequence[str], factory: str | None, warned: set[str]
+    app: Flask, config_rules: ConfigRules, factory: str | None, warned: set[str]
 ) -> AppSpec:
     url_map = app.url_map
     rules = []
@@ -152,6 +252,7 @@ def _app_reduce(
             }
         )
     defaults = type(url_map).default_converters
+    config, omitted = _config_reduce(app, config_rules, warned)
     return AppSpec(
         token=app_token(app),
         version=uuid.uuid4().hex,
@@ -167,7 +268,8 @@ def _app_reduce(
         host_matching=url_map.host_matching,
         subdomain_matching=app.subdomain_matching,
         rules=rules,
-        config=_config_reduce(app, exclude, warned),
+        config=config,
+        omitted=omitted,
     )
 
 
@@ -206,8 +308,49 @@ def restore_app(spec: AppSpec) -> Flask:
         config.clear()
         config.update(entry.base_config)
         config.update(spec.config)
+        if spec.omitted or isinstance(config, _OmittingConfig):
+            _omitted_config_restore(entry.app, spec, from_factory=bool(spec.factory))
         entry.version = spec.version
     return entry.app
+
+
+def _omitted_config_restore(app: Flask, spec: AppSpec, from_factory: bool) -> None:
+    """Make reading a key the web process left out raise
+    :exc:`~flask_executor.ConfigKeyNotCopiedError` naming the setting to
+    change (``config.get(key)`` still returns its default). A factory app's own
+    value is the worker's and stays; a stand-in's (Flask's defaults, such as
+    ``SECRET_KEY = None``) is removed, so the task gets the message rather
+    than a silent ``None``."""
+    config = app.config
+    if not from_factory:
+        for key in spec.omitted:
+            config.pop(key, None)
+    cls = type(config)
+    if not issubclass(cls, _OmittingConfig):
+        config.__class__ = _omitting_config_class(cls)
+    config._flask_executor_omitted = spec.omitted  # type: ignore[attr-defined]
+
+
+class _OmittingConfig(dict):  # type: ignore[type-arg]
+    """Marker base of the config classes :func:`_omitting_config_class` makes."""
+
+
+_omitting_config_classes: dict[type, type] = {}
+
+
+def _omitting_config_class(base: type) -> type:
+    cls = _omitting_config_classes.get(base)
+    if cls is None:
+
+        def __missing__(self: Any, key: str) -> Any:
+            reason = getattr(self, "_flask_executor_omitted", {}).get(key)
+            if reason is not None:
+                raise ConfigKeyNotCopiedError(reason)
+            raise KeyError(key)
+
+        cls = type(base.__name__, (base, _OmittingConfig), {"__missing__": __missing__})
+        _omitting_config_classes[base] = cls
+    return cls
 
 
 def _factory_restore(factory: str) -> Flask:

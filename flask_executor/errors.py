@@ -14,6 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "BodyNotCapturedError",
+    "ConfigKeyNotCopiedError",
     "GAttributeNotCopiedError",
     "SerializationError",
     "ShutdownTimeoutError",
@@ -124,3 +125,15 @@ class ShutdownTimeoutError(TaskTimeoutError):
     and its eventual result is dropped. Tasks that had not started by then are
     cancelled instead.
     """
+
+
+class ConfigKeyNotCopiedError(KeyError):
+    """A task in a process or Dask worker read a config key that was not sent
+    to its worker: excluded by ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``, a secret
+    kept from Dask workers (see ``EXECUTOR_SNAPSHOT_CONFIG_INCLUDE``), or a
+    value that cannot be pickled. The message names the key and the setting
+    to change. ``config.get(key)`` still returns its default.
+    """
+
+    def __str__(self) -> str:  # KeyError's own str() is the repr of its argument
+        return str(self.args[0]) if self.args else ""

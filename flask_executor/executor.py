@@ -27,12 +27,12 @@ from flask import Blueprint, Flask, current_app, has_app_context
 from werkzeug.datastructures import FileStorage
 
 from . import backends
-from .appspec import app_spec
+from .appspec import ConfigRules, app_spec
 from .backends import Backend, BackendOptions, PickledTask, create_backend
 from .errors import SerializationError
 from .futures import FutureCollection, FutureProxy
 from .jobs import ExecutorJob
-from .serialize import copy_filestorage, dumps_call
+from .serialize import copy_filestorage, dumps_call, remove_files, spilled_uploads
 from .signals import task_failed, task_finished, task_submitted
 from .snapshot import Snapshot, capture, restore
 from .status import status_blueprint
@@ -99,7 +99,7 @@ class _AppState:
     options: BackendOptions
     push_app_context: bool
     propagate_exceptions: bool
-    config_exclude: tuple[str, ...]
+    config_rules: ConfigRules
     max_body: int
     app_factory: str | None
     backend: Backend | None = None
@@ -150,6 +150,7 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_PROPAGATE_EXCEPTIONS``, ``EXECUTOR_PUSH_APP_CONTEXT``,
         ``EXECUTOR_START_METHOD``, ``EXECUTOR_MAX_TASKS_PER_CHILD``,
         ``EXECUTOR_TASK_TIMEOUT``, ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``,
+        ``EXECUTOR_SNAPSHOT_CONFIG_INCLUDE``,
         ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY``,
         ``EXECUTOR_DASK_ADDRESS``, ``EXECUTOR_DASK_SECURITY``,
         ``EXECUTOR_STORE``, ``EXECUTOR_STORE_NAMESPACE``,
@@ -172,6 +173,7 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_MAX_TASKS_PER_CHILD": None,
             "EXECUTOR_TASK_TIMEOUT": None,
             "EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE": (),
+            "EXECUTOR_SNAPSHOT_CONFIG_INCLUDE": (),
             "EXECUTOR_SNAPSHOT_MAX_BODY": DEFAULT_MAX_BODY,
             "EXECUTOR_APP_FACTORY": None,
             "EXECUTOR_DASK_ADDRESS": None,
@@ -195,11 +197,13 @@ class Executor(concurrent.futures.Executor):
                 f"{self._key('EXECUTOR_START_METHOD')} = {start_method!r} is not a start"
                 f" method; choose one of {', '.join(map(repr, START_METHODS))}"
             )
-        exclude = value["EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE"] or ()
-        if isinstance(exclude, str):
-            exclude = [part for part in re.split(r"[\s,]+", exclude) if part]
-        # TLS key material never travels to workers.
-        exclude = [*exclude, self._key("EXECUTOR_DASK_SECURITY")]
+        # Dask workers may be other machines: secrets stay home unless included.
+        config_rules = ConfigRules.from_config(
+            value["EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE"],
+            value["EXECUTOR_SNAPSHOT_CONFIG_INCLUDE"],
+            secrets=kind != "dask",
+            prefix=self._prefix,
+        )
         if kind == "dask" and importlib.util.find_spec("distributed") is None:
             raise ImportError(
                 f"{self._key('EXECUTOR_TYPE')} = 'dask' needs Dask's distributed package:"
@@ -220,7 +224,7 @@ class Executor(concurrent.futures.Executor):
             options=options,
             push_app_context=str2bool(value["EXECUTOR_PUSH_APP_CONTEXT"]),
             propagate_exceptions=str2bool(value["EXECUTOR_PROPAGATE_EXCEPTIONS"]),
-            config_exclude=tuple(exclude),
+            config_rules=config_rules,
             # None: no limit.
             max_body=self._int(value, "EXECUTOR_SNAPSHOT_MAX_BODY") or sys.maxsize,
             app_factory=value["EXECUTOR_APP_FACTORY"],
@@ -371,18 +375,31 @@ class Executor(concurrent.futures.Executor):
         if state.push_app_context:
             snap = capture(max_body=state.max_body, for_thread=not backend.pickles)
         task: Any
+        spilled: list[str] = []
         if backend.pickles:
-            spec_version, spec = app_spec(app, state.config_exclude, state.app_factory)
-            try:
-                payload = dumps_call(fn, args, kwargs, snap, by_value_main=backend.by_value_main)
-            except SerializationError:
-                if snap is None:
-                    raise
-                # Leave out what cannot travel (g.db, a lock); reading it in the
-                # task says so. Raises again, naming it, if fn or an argument fails.
-                snap = snap.picklable()
-                payload = dumps_call(fn, args, kwargs, snap, by_value_main=backend.by_value_main)
+            spec_version, spec = app_spec(app, state.config_rules, state.app_factory)
+            with spilled_uploads() as spilled:  # large uploads travel as files
+                try:
+                    payload = dumps_call(
+                        fn, args, kwargs, snap, by_value_main=backend.by_value_main
+                    )
+                except SerializationError:
+                    if snap is None:
+                        remove_files(spilled)
+                        raise
+                    # Leave out what cannot travel (g.db, a lock); reading it in the
+                    # task says so. Raises again, naming it, if fn or an argument fails.
+                    snap = snap.picklable()
+                    try:
+                        payload = dumps_call(
+                            fn, args, kwargs, snap, by_value_main=backend.by_value_main
+                        )
+                    except BaseException:
+                        remove_files(spilled)
+                        raise
         future: FutureProxy[T] = FutureProxy(_callback_context(app, snap), timeout)
+        if spilled:  # the worker removes what it opened; this, what no task opened
+            Future.add_done_callback(future, functools.partial(remove_files, spilled))
         if backend.pickles:
             task = PickledTask(payload, spec_version, spec, state.push_app_context, chunked)
         else:
@@ -599,8 +616,8 @@ def _thread_task(
     def task() -> T:
         token = _current_task.set(TaskHandle(publish))
         try:
-            if snap is None:
-                return fn(*args, **kwargs)
+            if snap is None:  # EXECUTOR_PUSH_APP_CONTEXT = False; async def still runs
+                return app.ensure_sync(fn)(*args, **kwargs)  # type: ignore[no-any-return]
             with restore(app, snap):
                 return app.ensure_sync(fn)(*args, **kwargs)  # type: ignore[no-any-return]
         finally:
@@ -627,15 +644,25 @@ def _send_outcome(app: Flask, key: Hashable | None, future: Future[Any]) -> None
         task_failed.send(app, future=future, key=key, exception=exception)
 
 
-def _callback_context(
-    app: Flask, snap: Snapshot | None
-) -> Callable[[], AbstractContextManager[Any]]:
-    def factory() -> AbstractContextManager[Any]:
-        if snap is None:
-            return app.app_context() if not has_app_context() else nullcontext()
-        return restore(app, snap)
+class _callback_context:
+    """The context a future's done callbacks run in: the submitting request's
+    (from ``snap``) until :meth:`release`, which the future calls once done, so
+    that a finished future holds nothing of the request; the app's after."""
 
-    return factory
+    __slots__ = ("app", "snap")
+
+    def __init__(self, app: Flask, snap: Snapshot | None) -> None:
+        self.app = app
+        self.snap = snap
+
+    def __call__(self) -> AbstractContextManager[Any]:
+        snap = self.snap
+        if snap is None:
+            return self.app.app_context() if not has_app_context() else nullcontext()
+        return restore(self.app, snap)
+
+    def release(self) -> None:
+        self.snap = None
 
 
 def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

@@ -127,6 +127,25 @@ class FutureProxy(Future[T], Generic[T]):
 
         super().add_done_callback(callback)
 
+    def _invoke_callbacks(self) -> None:
+        # Called once, when the future completes (result, exception or cancel).
+        try:
+            super()._invoke_callbacks()  # type: ignore[misc]
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Drop everything of the request once done: the callbacks (they hold
+        the request's context), the backend's handle on the running task (the
+        payload; in process mode also a reference cycle back to this future)
+        and the snapshot behind the callback context. A callback added from
+        now on runs in the app context only."""
+        self._done_callbacks: list[Callable[[Future[T]], object]] = []
+        self._stop_running = None
+        release = getattr(self._context_factory, "release", None)
+        if release is not None:
+            release()
+
     def cancel(self) -> bool:
         """Cancel the task.
 
@@ -149,7 +168,7 @@ class FutureProxy(Future[T], Generic[T]):
                 waiter.add_cancelled(self)
             self._condition.notify_all()
         stop()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         return True
 
     def __await__(self) -> Generator[Any, None, T]:

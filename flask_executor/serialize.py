@@ -13,9 +13,14 @@ from __future__ import annotations
 import copyreg
 import importlib
 import io
+import os
 import pickle
+import shutil
+import tempfile
 from collections import ChainMap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import cloudpickle
@@ -25,7 +30,17 @@ from werkzeug.local import LocalProxy
 
 from .errors import SerializationError
 
-__all__ = ["copy_filestorage", "dumps", "dumps_call", "import_object", "loads", "type_name"]
+__all__ = [
+    "copy_filestorage",
+    "dumps",
+    "dumps_call",
+    "dumps_nested",
+    "import_object",
+    "loads",
+    "remove_files",
+    "spilled_uploads",
+    "type_name",
+]
 
 loads = pickle.loads
 
@@ -39,6 +54,14 @@ def type_name(obj: object) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
+#: Uploads larger than this go to process workers as a temporary file rather
+#: than inside the payload, so the web process holds no copy of them.
+UPLOAD_FILE_THRESHOLD = 1024 * 1024
+_COPY_CHUNK = 1024 * 1024
+#: Temporary files spilled by the :func:`spilled_uploads` block in progress.
+_spilled: ContextVar[list[str] | None] = ContextVar("flask_executor.spilled", default=None)
+
+
 def _filestorage_reduce(storage: FileStorage) -> tuple[Callable[..., FileStorage], tuple[Any, ...]]:
     stream = storage.stream
     try:  # not seekable() : SpooledTemporaryFile has no such method before 3.11
@@ -46,16 +69,71 @@ def _filestorage_reduce(storage: FileStorage) -> tuple[Callable[..., FileStorage
         stream.seek(0)
     except (AttributeError, OSError, ValueError):
         position = None
-    data = stream.read()
-    if position is not None:
-        stream.seek(position)
-    return _filestorage_restore, (
-        data,
-        storage.filename,
-        storage.name,
-        storage.content_type,
-        list(storage.headers.items()),
+    meta = (storage.filename, storage.name, storage.content_type, list(storage.headers.items()))
+    try:
+        spilled = _spilled.get()
+        if spilled is not None and position is not None and not _by_value_main.get():
+            # Process workers run on this machine: a large upload travels as a file.
+            stream.seek(0, io.SEEK_END)
+            size = stream.tell()
+            stream.seek(0)
+            if size > UPLOAD_FILE_THRESHOLD:
+                return _filestorage_file_restore, (_spill(stream, spilled), *meta)
+        data = stream.read()
+    finally:
+        if position is not None:
+            stream.seek(position)
+    return _filestorage_restore, (data, *meta)
+
+
+def _spill(stream: Any, spilled: list[str]) -> str:
+    with tempfile.NamedTemporaryFile(
+        prefix=f"flask-executor-upload-{os.getpid()}-", delete=False
+    ) as target:
+        spilled.append(target.name)
+        shutil.copyfileobj(stream, target, _COPY_CHUNK)
+    return target.name
+
+
+def _filestorage_file_restore(
+    path: str,
+    filename: str | None,
+    name: str | None,
+    content_type: str | None,
+    headers: list[tuple[str, str]],
+) -> FileStorage:
+    """In the worker: the upload spilled to ``path``, which is removed at once
+    (the open file stays readable until the task's upload is closed)."""
+    stream = open(path, "rb")  # noqa: SIM115 - owned by the FileStorage
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return FileStorage(
+        stream, filename=filename, name=name, content_type=content_type, headers=Headers(headers)
     )
+
+
+@contextmanager
+def spilled_uploads() -> Iterator[list[str]]:
+    """Collect the temporary files that large uploads are spilled to by the
+    :func:`dumps` calls inside the block (process workers only); remove them
+    with :func:`remove_files` once the task is done (the worker removes each
+    one it opens, so this only matters for tasks that never ran)."""
+    paths: list[str] = []
+    token = _spilled.set(paths)
+    try:
+        yield paths
+    finally:
+        _spilled.reset(token)
+
+
+def remove_files(paths: list[str], *_: object) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _filestorage_restore(
@@ -151,6 +229,25 @@ def dumps(obj: object, *, by_value_main: bool = True) -> bytes:
         value (needed for cluster workers, which do not run the web process's
         main script; process workers do, so they can take them by reference).
     """
+    token = _by_value_main.set(by_value_main)
+    try:
+        return _dumps(obj, by_value_main)
+    finally:
+        _by_value_main.reset(token)
+
+
+#: How the :func:`dumps` call in progress pickles ``__main__`` (for :func:`dumps_nested`).
+_by_value_main: ContextVar[bool] = ContextVar("flask_executor.by_value_main", default=True)
+
+
+def dumps_nested(obj: object) -> bytes:
+    """Pickle ``obj`` on its own from inside a :func:`dumps` call (a
+    ``__getstate__``), the way that call pickles: its bytes unpickle, or fail
+    to, separately from the rest."""
+    return dumps(obj, by_value_main=_by_value_main.get())
+
+
+def _dumps(obj: object, by_value_main: bool) -> bytes:
     buffer = io.BytesIO()
     if not by_value_main:
         try:

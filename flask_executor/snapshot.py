@@ -30,11 +30,12 @@ from flask.ctx import RequestContext
 from flask.sessions import NullSession
 from flask.wrappers import Request as FlaskRequest
 from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.test import encode_multipart
 from werkzeug.wrappers import Request
 
 from .errors import BodyNotCapturedError, GAttributeNotCopiedError
-from .serialize import copy_filestorage, dumps, type_name
+from .serialize import copy_filestorage, dumps, dumps_nested, loads, type_name
 
 __all__ = ["RequestSnapshot", "Snapshot", "capture", "restore"]
 
@@ -94,6 +95,22 @@ class Snapshot:
     g: dict[str, Any]
     omitted_g: dict[str, str] = field(default_factory=dict)
     request: RequestSnapshot | None = None
+    #: In a pickled snapshot, the ``g`` values that are not atomic, each
+    #: pickled on its own: one that fails to unpickle in the worker (the
+    #: worker runs another version of its class) fails only the tasks that
+    #: read it, with :exc:`GAttributeNotCopiedError`.
+    g_pickled: dict[str, bytes] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        values = self.g
+        if any(type(value) not in _ATOMIC for value in values.values()):
+            state["g"] = {k: v for k, v in values.items() if type(v) in _ATOMIC}
+            state["g_pickled"] = {
+                **self.g_pickled,
+                **{k: dumps_nested(v) for k, v in values.items() if type(v) not in _ATOMIC},
+            }
+        return state
 
     def picklable(self) -> Snapshot:
         """A copy without the values that cannot be pickled (they are listed
@@ -198,9 +215,21 @@ def _g_restore(snap: Snapshot) -> None:
     target = g._get_current_object()
     for name, value in snap.g.items():
         setattr(target, name, value)
-    if snap.omitted_g:
+    reasons = {
+        name: f"its value ({kind}) could not be pickled or copied"
+        for name, kind in snap.omitted_g.items()
+    }
+    for name, data in snap.g_pickled.items():
+        try:
+            setattr(target, name, loads(data))
+        except Exception as exc:
+            reasons[name] = (
+                f"its value could not be unpickled in the worker ({type_name(exc)}: {exc});"
+                " do the web process and the worker run the same version of its code?"
+            )
+    if reasons:
         # g's own __setattr__ would store "__class__" as an attribute.
-        object.__setattr__(target, "__class__", _omitting_class(type(target), snap.omitted_g))
+        object.__setattr__(target, "__class__", _omitting_class(type(target), reasons))
 
 
 _omitting_classes: dict[tuple[type, frozenset[tuple[str, str]]], type] = {}
@@ -209,7 +238,7 @@ _omitting_lock = threading.Lock()
 
 def _omitting_class(base: type, omitted: dict[str, str]) -> type:
     """A subclass of the app's ``g`` class whose missing-attribute error says
-    that the attribute was left out and why."""
+    that the attribute was left out and why (``omitted``: name to reason)."""
     key = (base, frozenset(omitted.items()))
     with _omitting_lock:
         cls = _omitting_classes.get(key)
@@ -222,9 +251,8 @@ def _omitting_class(base: type, omitted: dict[str, str]) -> type:
             reason = reasons.get(name)
             if reason is not None:
                 raise GAttributeNotCopiedError(
-                    f"g.{name} was not copied into this task: its value ({reason}) could"
-                    " not be pickled or copied. Create it inside the task, e.g."
-                    f" `if {name!r} not in g: g.{name} = ...`."
+                    f"g.{name} was not copied into this task: {reason}. Create it inside"
+                    f" the task, e.g. `if {name!r} not in g: g.{name} = ...`."
                 )
             if parent is not None:
                 return parent(self, name)
@@ -365,12 +393,10 @@ def _body_reduce(
     if not length and not environ.get("wsgi.input_terminated"):
         return b"", None
     if length is not None and length > max_body:
-        return None, (
-            f"the request body ({length} bytes) is larger than"
-            f" EXECUTOR_SNAPSHOT_MAX_BODY ({max_body} bytes), so it was not copied into"
-            " the task; raise that setting or pass what the task needs as arguments"
-        )
+        return None, _too_large(length, max_body)
     form_parsed = "form" in vars(req)
+    if length is None:  # chunked: read at most the limit + 1 byte
+        return _unsized_body_reduce(req, environ, max_body, form_parsed, reencode)
     data = req.get_data(cache=True)
     if length is not None and len(data) < length:
         if form_parsed and req.mimetype in _FORM_TYPES:
@@ -382,12 +408,114 @@ def _body_reduce(
             " request.get_data() or pass it as an argument"
         )
     if len(data) > max_body:
-        return None, (
-            f"the request body ({len(data)} bytes) is larger than"
-            f" EXECUTOR_SNAPSHOT_MAX_BODY ({max_body} bytes), so it was not copied into"
-            " the task; raise that setting or pass what the task needs as arguments"
-        )
+        return None, _too_large(len(data), max_body)
     return data, None
+
+
+def _too_large(length: int, max_body: int, at_least: str = "") -> str:
+    return (
+        f"the request body ({at_least}{length} bytes) is larger than"
+        f" EXECUTOR_SNAPSHOT_MAX_BODY ({max_body} bytes), so it was not copied into"
+        " the task; raise that setting or pass what the task needs as arguments"
+    )
+
+
+def _unsized_body_reduce(
+    req: Request, environ: dict[str, Any], max_body: int, form_parsed: bool, reencode: bool
+) -> tuple[bytes | None, str | None]:
+    """A body without ``Content-Length`` (``Transfer-Encoding: chunked``):
+    at most the limit (``EXECUTOR_SNAPSHOT_MAX_BODY`` or Flask's
+    ``MAX_CONTENT_LENGTH``) plus one byte is read, whatever the client sends,
+    and what was read is put back in front of the rest, so the view reads the
+    body as if ``submit()`` had not looked at it."""
+    max_content = req.max_content_length
+    limit = max_body if max_content is None else min(max_body, max_content)
+    state = vars(req)
+    touched = "stream" in state  # the view (or a form parse) opened the stream
+    # Not touched: read the server's stream (it ends the body, wsgi.input_terminated);
+    # request.stream is built over what is put back, with Werkzeug's own checks.
+    source = req.stream if touched else req.environ["wsgi.input"]
+    probe = _BoundedReader(source, limit + 1)
+    req.stream = probe  # type: ignore[assignment]  # a cached_property: assignable
+    too_large_error = False
+    try:
+        data: bytes | None = req.get_data(cache=False)  # the view's cached data, or the probe
+    except RequestEntityTooLarge:  # a touched stream past MAX_CONTENT_LENGTH
+        data, too_large_error = None, True
+    finally:
+        head = bytes(probe.head)
+        if probe.truncated or too_large_error:
+            rest: Any = _Prepended(head, source)
+        elif probe.used:
+            rest = io.BytesIO(head)
+        else:
+            rest = source
+        if touched:
+            state["stream"] = rest
+        else:
+            del state["stream"]
+            req.environ["wsgi.input"] = rest
+    if data is None or (max_content is not None and len(data) > max_content):
+        return None, (
+            f"the request body is larger than MAX_CONTENT_LENGTH ({max_content} bytes),"
+            " so it was not copied into the task"
+        )
+    if len(data) > max_body:
+        return None, _too_large(len(data), max_body, "at least " if probe.truncated else "")
+    if not data and form_parsed and req.mimetype in _FORM_TYPES:
+        # The form parser consumed the body; processes get it re-encoded.
+        return (_form_body_reduce(req, environ) if reencode else b""), None
+    return data, None
+
+
+class _BoundedReader(io.RawIOBase):
+    """Reads at most ``budget`` bytes of ``source`` and keeps them (``head``)."""
+
+    def __init__(self, source: Any, budget: int) -> None:
+        super().__init__()
+        self.source = source
+        self.budget = budget
+        self.head = bytearray()
+        self.used = False
+        self.truncated = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.used = True
+        want = min(len(buffer), self.budget - len(self.head))
+        if want <= 0:
+            self.truncated = True
+            return 0
+        chunk = self.source.read(want)
+        count = len(chunk)
+        buffer[:count] = chunk
+        self.head += chunk
+        if len(self.head) >= self.budget:
+            self.truncated = True
+        return count
+
+
+class _Prepended(io.RawIOBase):
+    """``head`` followed by the rest of ``source``: a request body as the view
+    would have read it."""
+
+    def __init__(self, head: bytes, source: Any) -> None:
+        super().__init__()
+        self.head = io.BytesIO(head)
+        self.source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self.head.readinto(buffer)
+        if count:
+            return count
+        chunk = self.source.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
 
 def _form_body_reduce(req: Request, environ: dict[str, Any]) -> bytes:

@@ -120,6 +120,7 @@ def test_all_is_pinned() -> None:
             "ShutdownTimeoutError",
             "BodyNotCapturedError",
             "GAttributeNotCopiedError",
+            "ConfigKeyNotCopiedError",
             "current_task",
             "TaskLostError",
         ]

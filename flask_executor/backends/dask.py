@@ -5,7 +5,7 @@ How work flows::
 
     submit() ── client.submit(_run_on_worker, payload, app spec*, pure=False)
                    │                               (* scattered once per version)
-                   ▼ scheduler ──▶ worker: log_event(topic, key)  ──▶ future.running()
+                   ▼ scheduler ──▶ worker: log_event(topic, JSON) ──▶ future.running(), meta, logs
                                            run_call(): restore context, run
     FutureProxy ◀── outcome (pickled result or error) ◀── Dask future done
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import functools
+import json
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from typing import Any
 
 from ..appspec import restore_app
 from ..futures import FutureProxy
-from ..serialize import dumps, import_object, loads, type_name
+from ..serialize import import_object, loads, type_name
 from ..tasks import forward_logs, log_record_restore
 from . import (
     Backend,
@@ -112,11 +113,10 @@ def _run_on_worker(
     worker = distributed.get_worker()
 
     def publish(kind: str, data: Any) -> None:
-        # Pickled: the event channel is msgpack, which turns lists into tuples.
-        worker.log_event(topic, {"kind": kind, "key": key, "data": dumps(data)})
+        worker.log_event(topic, _event_dumps(kind, key, data))
 
     try:
-        worker.log_event(topic, key)
+        worker.log_event(topic, _event_dumps("start", key, None))
     except Exception:  # noqa: S110 - running() stays false; the task still runs
         pass
     forward_logs()
@@ -131,6 +131,116 @@ def _run_on_worker(
             _worker_specs.clear()  # keep only the current version
             spec = _worker_specs[app_version] = loads(spec_bytes)
     return run_call(payload, spec, push_context, chunked, publish)
+
+
+_plaintext_warned: set[str] = set()
+_LOOPBACK_HOSTS = ("localhost", "127.", "[::1]", "::1")
+
+
+def _warn_if_plaintext(address: Any, security: Any) -> None:
+    """Warn once per address when a scheduler that is not on this machine is
+    reached without TLS: tasks, their request snapshots and results would
+    cross the network in clear."""
+    if not isinstance(address, str):
+        return
+    scheme, _, rest = address.rpartition("://")
+    if scheme == "tls" or getattr(security, "require_encryption", False):
+        return
+    if scheme in ("inproc", "ucx") or rest.startswith(_LOOPBACK_HOSTS):
+        return
+    with _warn_lock:
+        if rest in _plaintext_warned:
+            return
+        _plaintext_warned.add(rest)
+    logger.warning(
+        "EXECUTOR_DASK_ADDRESS %r is not on this machine and is reached without TLS:"
+        " tasks, request snapshots and results cross the network in clear. Use a"
+        " tls:// address with EXECUTOR_DASK_SECURITY (see docs/security.rst).",
+        address,
+    )
+
+
+_warn_lock = threading.Lock()
+
+
+# -- the event channel ------------------------------------------------------------
+#
+# Any client of the scheduler can list topics and post to them, so what arrives
+# is untrusted: JSON text (msgpack would turn lists into tuples), parsed and
+# checked, never unpickled; messages for keys that are not this executor's
+# running tasks are dropped.
+
+_LOG_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "levelno": (int,),
+    "levelname": (str,),
+    "msg": (str,),
+    "pathname": (str,),
+    "filename": (str,),
+    "module": (str,),
+    "lineno": (int,),
+    "funcName": (str,),
+    "created": (int, float),
+    "process": (int, type(None)),
+    "processName": (str, type(None)),
+    "threadName": (str, type(None)),
+    "exc_text": (str, type(None)),
+}
+
+
+def _event_dumps(kind: str, key: str, data: Any) -> str:
+    """A worker's message to the web process, as JSON text."""
+    try:
+        return json.dumps({"kind": kind, "key": key, "data": data}, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        if kind != "meta":
+            raise
+        bad = [name for name, value in data.items() if not _is_json(value)]
+        raise TypeError(
+            f"current_task.update(): {', '.join(map(repr, bad)) or 'a value'} cannot be"
+            f" sent to the web process ({exc}); on Dask, meta travels as JSON: use"
+            " strings, numbers, booleans, None, lists and dicts with string keys"
+        ) from exc
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _event_loads(message: Any) -> tuple[str, str, Any] | None:
+    """``(kind, key, data)`` of a well-formed event, else ``None``."""
+    if not isinstance(message, str) or len(message) > _MAX_EVENT:
+        return None
+    try:
+        event = json.loads(message)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    kind, key, data = event.get("kind"), event.get("key"), event.get("data")
+    if not isinstance(key, str):
+        return None
+    if kind == "start" and data is None:
+        return kind, key, data
+    if kind == "meta" and isinstance(data, dict):
+        return kind, key, data
+    if kind == "log" and isinstance(data, dict):
+        record = {
+            name: data[name]
+            for name, types in _LOG_FIELDS.items()
+            if type(data.get(name)) in types
+        }
+        if "name" in record and "levelno" in record and "msg" in record:
+            return kind, key, record
+    return None
+
+
+#: Larger events are dropped unread (a log record with a long traceback fits).
+_MAX_EVENT = 1024 * 1024
 
 
 def _cancel_if_cancelled(dask_future: Any, future: Any) -> None:
@@ -166,6 +276,7 @@ class DaskBackend(Backend):
             if self._client is None:
                 options = self.options
                 if options.dask_address:
+                    _warn_if_plaintext(options.dask_address, options.dask_security)
                     self._client = distributed.Client(
                         options.dask_address,
                         security=options.dask_security,
@@ -241,18 +352,29 @@ class DaskBackend(Backend):
                 lambda d, f=future, k=key: self._on_done(d, f, k)
             )
 
-    def _on_event(self, event: tuple[float, Any]) -> None:
-        message = event[1]
-        if isinstance(message, dict):
-            if message.get("kind") == "log":
-                log_record_restore(loads(message["data"]))
+    def _on_event(self, event: Any) -> None:
+        """Handle one message from the topic: plain data, checked, for one of
+        this executor's tasks; anything else is dropped. Never raises (it runs
+        in the Dask client's event loop)."""
+        try:
+            parsed = _event_loads(event[1]) if isinstance(event, tuple) else None
+            if parsed is None:
                 return
-            future = self._running.get(message.get("key", ""))
-            if future is not None and message.get("kind") == "meta":
-                future._merge_meta(loads(message["data"]))
-            return
-        future = self._running.get(message)
-        if future is None or future.done() or future.running():
+            kind, key, data = parsed
+            future = self._running.get(key)
+            if future is None:
+                return
+            if kind == "log":
+                log_record_restore(data)
+            elif kind == "meta":
+                future._merge_meta(data)
+            else:
+                self._start(future)
+        except Exception:
+            logger.debug("dropped a Dask event that could not be handled", exc_info=True)
+
+    def _start(self, future: FutureProxy[Any]) -> None:
+        if future.done() or future.running():
             return
         if future.set_running_or_notify_cancel():
             timeout = future._task_timeout or self.options.task_timeout
