@@ -41,7 +41,7 @@ __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-EXECUTOR_TYPES = ("thread", "process", "dask")
+EXECUTOR_TYPES = ("thread", "process", "dask", "immediate")
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_MAX_BODY = 1024 * 1024
 
@@ -143,7 +143,8 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_START_METHOD``, ``EXECUTOR_MAX_TASKS_PER_CHILD``,
         ``EXECUTOR_TASK_TIMEOUT``, ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``,
         ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY``,
-        ``EXECUTOR_DASK_ADDRESS`` and ``EXECUTOR_DASK_SECURITY`` (see
+        ``EXECUTOR_DASK_ADDRESS``, ``EXECUTOR_DASK_SECURITY`` and
+        ``EXECUTOR_IMMEDIATE_PICKLE`` (see
         :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
         starts here: pools start on the first submit.
@@ -166,6 +167,7 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_APP_FACTORY": None,
             "EXECUTOR_DASK_ADDRESS": None,
             "EXECUTOR_DASK_SECURITY": None,
+            "EXECUTOR_IMMEDIATE_PICKLE": False,
         }
         value = {key: config.setdefault(self._key(key), dflt) for key, dflt in defaults.items()}
 
@@ -198,6 +200,7 @@ class Executor(concurrent.futures.Executor):
             max_tasks_per_child=self._int(value, "EXECUTOR_MAX_TASKS_PER_CHILD"),
             dask_address=value["EXECUTOR_DASK_ADDRESS"],
             dask_security=value["EXECUTOR_DASK_SECURITY"],
+            immediate_pickle=str2bool(value["EXECUTOR_IMMEDIATE_PICKLE"]),
         )
         state = _AppState(
             kind=kind,
@@ -313,9 +316,10 @@ class Executor(concurrent.futures.Executor):
         future, task = self._prepare(
             app, state, backend, fn, args, kwargs, key=key, timeout=timeout
         )
-        backend.submit(future, task)
+        # Sent first: an immediate backend (or a quick thread) finishes the task in submit().
         if task_submitted.receivers:
             task_submitted.send(app, future=future, key=key)
+        backend.submit(future, task)
         if store:
             self.futures.add(key, future)
         return future
@@ -423,10 +427,10 @@ class Executor(concurrent.futures.Executor):
             )
             for call in calls
         ]
-        backend.submit_many(pairs)
         if task_submitted.receivers:
             for future, _ in pairs:
                 task_submitted.send(app, future=future, key=None)
+        backend.submit_many(pairs)
         futures = [future for future, _ in pairs]
         return _flatten(_results(futures, end)) if chunked else _results(futures, end)
 

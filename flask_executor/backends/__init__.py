@@ -30,6 +30,7 @@ class BackendOptions:
     max_tasks_per_child: int | None = None
     dask_address: str | None = None
     dask_security: Any = None
+    immediate_pickle: bool = False
 
 
 @dataclass
@@ -103,6 +104,10 @@ def create_backend(kind: str, options: BackendOptions) -> Backend:
         from .process import ProcessBackend
 
         return ProcessBackend(options)
+    if kind == "immediate":
+        from .immediate import ImmediateBackend, PicklingImmediateBackend
+
+        return (PicklingImmediateBackend if options.immediate_pickle else ImmediateBackend)(options)
     from .dask import DaskBackend
 
     return DaskBackend(options)
