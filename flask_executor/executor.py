@@ -35,6 +35,7 @@ from .signals import task_failed, task_finished, task_submitted
 from .snapshot import Snapshot, capture, restore
 from .status import status_blueprint
 from .tasks import TaskHandle, _current_task
+from .tracing import traced
 
 __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
 
@@ -337,6 +338,7 @@ class Executor(concurrent.futures.Executor):
         timeout: float | None = None,
     ) -> tuple[FutureProxy[T], Any]:
         """Capture the context and package the call for ``backend``."""
+        fn = traced(fn, self.name, state.kind, key)  # unchanged unless OpenTelemetry is set up
         snap: Snapshot | None = None
         if state.push_app_context:
             snap = capture(max_body=state.max_body, for_thread=not backend.pickles)
