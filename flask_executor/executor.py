@@ -26,7 +26,7 @@ from flask import Blueprint, Flask, current_app, has_app_context
 from werkzeug.datastructures import FileStorage
 
 from .appspec import app_spec
-from .backends import Backend, BackendOptions, PickledTask, create_backend
+from .backends import Backend, BackendOptions, PickledTask, create_backend, green_problem
 from .errors import SerializationError
 from .futures import FutureCollection, FutureProxy
 from .jobs import ExecutorJob
@@ -151,6 +151,8 @@ class Executor(concurrent.futures.Executor):
         starts here: pools start on the first submit.
 
         :raises ValueError: a value is invalid; the message names the key.
+        :raises RuntimeError: the backend cannot work in this process (Dask, or
+            the ``fork`` start method, under gevent or eventlet monkey-patching).
         """
         config = app.config
         defaults: dict[str, Any] = {
@@ -194,6 +196,9 @@ class Executor(concurrent.futures.Executor):
                 f"{self._key('EXECUTOR_TYPE')} = 'dask' needs Dask's distributed package:"
                 " install the extra with `pip install 'flask-executor[dask]'`"
             )
+        problem = green_problem(kind, start_method)
+        if problem is not None:
+            raise RuntimeError(f"{self._key('EXECUTOR_TYPE')} = {kind!r}: {problem}")
         options = BackendOptions(
             max_workers=self._int(value, "EXECUTOR_MAX_WORKERS"),
             task_timeout=self._float(value, "EXECUTOR_TASK_TIMEOUT"),

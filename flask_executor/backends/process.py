@@ -246,6 +246,9 @@ class ProcessBackend(Backend):
 
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
+        # Under gevent the socketpair is non-blocking at the OS level; Connection needs blocking.
+        os.set_blocking(parent_conn.fileno(), True)
+        os.set_blocking(child_conn.fileno(), True)
         process = self._context.Process(
             target=worker_main,
             args=(child_conn, os.getpid(), logging.getLogger().getEffectiveLevel()),
