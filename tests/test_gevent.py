@@ -136,3 +136,38 @@ def test_init_app_refuses_what_cannot_work_under_gevent(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(expected), result.stdout
+
+
+PATCHED_AFTER_INIT = textwrap.dedent(
+    """
+    from flask import Flask
+    from flask_executor import Executor
+
+    # As with gunicorn --preload: the app is built before the server worker patches.
+    app = Flask(__name__)
+    app.config.update(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD="fork")
+    executor = Executor(app)
+
+    import gevent.monkey
+
+    gevent.monkey.patch_all()
+    with app.app_context():
+        try:
+            executor.submit(print, "ran")
+        except RuntimeError as exc:
+            print("refused:", exc)
+    """
+)
+
+
+@pytest.mark.slow
+def test_an_app_built_before_patching_is_refused_at_its_first_submit(tmp_path: Path) -> None:
+    script = tmp_path / "preload.py"
+    script.write_text(PATCHED_AFTER_INIT)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("refused: EXECUTOR_START_METHOD = 'fork' cannot work"), (
+        result.stdout
+    )
