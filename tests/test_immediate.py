@@ -142,6 +142,18 @@ def test_a_failing_task_gives_a_failed_future_not_an_exception_from_submit(
     assert str(error) == "no such row"
 
 
+def exit_task() -> None:
+    raise SystemExit(3)
+
+
+def test_sys_exit_in_a_task_is_the_tasks_own_error(app: Flask, ex: Executor) -> None:
+    with app.app_context():
+        future = ex.submit(exit_task)
+        assert ex.submit(double, 1).result(timeout=0) == 2
+    error = future.exception(timeout=0)
+    assert isinstance(error, SystemExit) and error.code == 3
+
+
 def test_the_task_never_sees_the_callers_pushed_context(app: Flask, make: Any) -> None:
     # Without EXECUTOR_PUSH_APP_CONTEXT a thread or process task has no context at
     # all; the caller's request, pushed in this very thread, must not leak in.

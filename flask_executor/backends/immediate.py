@@ -50,7 +50,10 @@ class ImmediateBackend(Backend):
             return
         timeout = future._task_timeout or self.options.task_timeout
         call = functools.partial(_within_limit, self._call(future, task), timeout)
-        contextvars.Context().run(complete, future, call)
+        try:
+            contextvars.Context().run(complete, future, call)
+        except SystemExit:
+            pass  # the future holds it; in a pool only the worker thread would have ended
 
     def _call(self, future: FutureProxy[Any], task: Any) -> Callable[[], Any]:
         """What runs for ``task``: a thread task is already a closure."""
