@@ -28,7 +28,7 @@ from werkzeug.datastructures import FileStorage
 
 from . import backends
 from .appspec import ConfigRules, app_spec
-from .backends import Backend, BackendOptions, PickledTask, create_backend
+from .backends import Backend, BackendOptions, PickledTask, create_backend, green_problem
 from .errors import SerializationError
 from .futures import FutureCollection, FutureProxy
 from .jobs import ExecutorJob
@@ -38,13 +38,14 @@ from .snapshot import Snapshot, capture, restore
 from .status import status_blueprint
 from .stores import BaseStore, open_store
 from .tasks import TaskHandle, _current_task
+from .tracing import traced
 
 __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-EXECUTOR_TYPES = ("thread", "process", "dask")
+EXECUTOR_TYPES = ("thread", "process", "dask", "immediate")
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_MAX_BODY = 1024 * 1024
 #: Seconds ``shutdown()`` and interpreter exit wait for tasks: 5 s less than
@@ -154,12 +155,15 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY``,
         ``EXECUTOR_DASK_ADDRESS``, ``EXECUTOR_DASK_SECURITY``,
         ``EXECUTOR_STORE``, ``EXECUTOR_STORE_NAMESPACE``,
-        ``EXECUTOR_SHUTDOWN_TIMEOUT`` and ``EXECUTOR_WORKER_INIT`` (see
+        ``EXECUTOR_SHUTDOWN_TIMEOUT``, ``EXECUTOR_WORKER_INIT`` and
+        ``EXECUTOR_IMMEDIATE_PICKLE`` (see
         :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
         starts here: pools start on the first submit.
 
         :raises ValueError: a value is invalid; the message names the key.
+        :raises RuntimeError: the backend cannot work in this process (Dask, or
+            the ``fork`` start method, under gevent or eventlet monkey-patching).
         """
         config = app.config
         defaults: dict[str, Any] = {
@@ -182,6 +186,7 @@ class Executor(concurrent.futures.Executor):
             "EXECUTOR_STORE_NAMESPACE": None,
             "EXECUTOR_WORKER_INIT": None,
             "EXECUTOR_SHUTDOWN_TIMEOUT": DEFAULT_SHUTDOWN_TIMEOUT,
+            "EXECUTOR_IMMEDIATE_PICKLE": False,
         }
         value = {key: config.setdefault(self._key(key), dflt) for key, dflt in defaults.items()}
 
@@ -209,6 +214,9 @@ class Executor(concurrent.futures.Executor):
                 f"{self._key('EXECUTOR_TYPE')} = 'dask' needs Dask's distributed package:"
                 " install the extra with `pip install 'flask-executor[dask]'`"
             )
+        problem = green_problem(kind, start_method)
+        if problem is not None:
+            raise RuntimeError(f"{self._key('EXECUTOR_TYPE')} = {kind!r}: {problem}")
         options = BackendOptions(
             max_workers=self._int(value, "EXECUTOR_MAX_WORKERS"),
             task_timeout=self._float(value, "EXECUTOR_TASK_TIMEOUT"),
@@ -218,6 +226,7 @@ class Executor(concurrent.futures.Executor):
             dask_address=value["EXECUTOR_DASK_ADDRESS"],
             dask_security=value["EXECUTOR_DASK_SECURITY"],
             worker_init=value["EXECUTOR_WORKER_INIT"] or None,
+            immediate_pickle=str2bool(value["EXECUTOR_IMMEDIATE_PICKLE"]),
         )
         state = _AppState(
             kind=kind,
@@ -349,13 +358,14 @@ class Executor(concurrent.futures.Executor):
             )
             if task_id is not None:
                 self.futures._attach(task_id, future)
+            # Sent first: an immediate backend (or a quick thread) finishes the task in submit().
+            if task_submitted.receivers:
+                task_submitted.send(app, future=future, key=key)
             backend.submit(future, task)
         except BaseException:
             if task_id is not None:
                 self.futures._release(task_id)
             raise
-        if task_submitted.receivers:
-            task_submitted.send(app, future=future, key=key)
         return future
 
     def _prepare(
@@ -371,6 +381,7 @@ class Executor(concurrent.futures.Executor):
         timeout: float | None = None,
     ) -> tuple[FutureProxy[T], Any]:
         """Capture the context and package the call for ``backend``."""
+        fn = traced(fn, self.name, state.kind, key)  # unchanged unless OpenTelemetry is set up
         snap: Snapshot | None = None
         if state.push_app_context:
             snap = capture(max_body=state.max_body, for_thread=not backend.pickles)
@@ -474,10 +485,10 @@ class Executor(concurrent.futures.Executor):
             )
             for call in calls
         ]
-        backend.submit_many(pairs)
         if task_submitted.receivers:
             for future, _ in pairs:
                 task_submitted.send(app, future=future, key=None)
+        backend.submit_many(pairs)
         futures = [future for future, _ in pairs]
         return _flatten(_results(futures, end)) if chunked else _results(futures, end)
 

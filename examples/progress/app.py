@@ -8,11 +8,11 @@
 * ``GET /`` is a page with a Start button and a ``<progress>`` bar that
   polls ``/tasks/<key>`` every 300 ms.
 
-``flask --app examples/progress/app.py run`` serves the page, and so does
-``gunicorn -w 3 --chdir examples/progress app:app``: the tasks live in a SQLite
-file in the instance folder (``EXECUTOR_STORE``), so whichever worker answers a
-poll sees the job another worker started. Run it with
-``python examples/progress/app.py`` and it drives itself with Flask's test
+``.venv/bin/flask --app examples/progress/app.py run`` serves the page, and so
+does ``.venv/bin/gunicorn -w 3 --chdir examples/progress app:app``: the tasks live
+in a SQLite file in the instance folder (``EXECUTOR_STORE``), so whichever worker
+answers a poll sees the job another worker started. Run it with
+``.venv/bin/python examples/progress/app.py`` and it drives itself with Flask's test
 client instead, printing each progress value it sees while the job runs.
 Settings can come from the environment: ``FLASK_SECRET_KEY``,
 ``FLASK_EXECUTOR_STORE``.
@@ -54,7 +54,8 @@ def crunch(steps: int = 10) -> int:
         current_task.update(progress=i / steps, stage=f"step {i + 1} of {steps}")
         time.sleep(0.25)  # the real work goes here
         total += i * i
-    current_task.update(progress=1.0, stage="done")
+    # No progress=1.0 here: the job is done when it returns, and its state says so; an
+    # update sent before returning would show a running job at 100 %.
     return total
 
 
@@ -82,9 +83,11 @@ def main() -> None:
     while True:
         task = client.get(f"/tasks/{key}").get_json()
         meta = task["meta"] or {}
-        if meta.get("progress") != seen:
-            seen = meta["progress"]
-            print(f"  {task['state']:8} progress={seen} ({meta['stage']})")
+        if task["state"] == "finished":  # as the page shows it: a finished job is at 100 %
+            meta = {"progress": 1.0, "stage": "done"}
+        if "progress" in meta and (task["state"], meta["progress"]) != seen:
+            seen = (task["state"], meta["progress"])
+            print(f"  {task['state']:8} progress={seen[1]} ({meta['stage']})")
         if task["state"] in ("finished", "failed") or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -9,7 +9,7 @@ removed when the task's app context ends.
 The database URI comes from ``REPORTS_DATABASE_URI`` (the script sets it to a
 SQLite file in a fresh temporary directory); workers inherit the variable.
 
-Run it with ``python examples/sqlalchemy_factory/app.py``.
+Run it with ``.venv/bin/python examples/sqlalchemy_factory/app.py``.
 """
 
 from __future__ import annotations

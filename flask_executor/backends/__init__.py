@@ -45,6 +45,7 @@ class BackendOptions:
     dask_security: Any = None
     #: ``'pkg.module:function'`` run once in each new worker, in its app context.
     worker_init: str | None = None
+    immediate_pickle: bool = False
 
 
 @dataclass
@@ -200,6 +201,33 @@ def stop_unfinished(futures: Iterable[Future[Any]], timeout: float | None, what:
             )
 
 
+def green_problem(kind: str, start_method: str | None) -> str | None:
+    """Why ``kind`` cannot work in this process if gevent or eventlet
+    monkey-patched it (``gunicorn -k gevent``), else ``None``."""
+    monkey = sys.modules.get("gevent.monkey")
+    patcher = sys.modules.get("eventlet.patcher")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        green = "gevent"
+    elif patcher is not None and patcher.is_monkey_patched("thread"):
+        green = "eventlet"
+    else:
+        return None
+    if kind == "dask":
+        return (
+            f"the Dask client cannot work under {green} monkey-patching: it runs its event"
+            " loop in a background thread, which is a greenlet of the same OS thread here,"
+            " so its blocking calls return coroutines; use EXECUTOR_TYPE = 'process' or"
+            " 'thread', or a non-green server worker"
+        )
+    if kind == "process" and start_method == "fork":
+        return (
+            f"EXECUTOR_START_METHOD = 'fork' cannot work under {green} monkey-patching: the"
+            " forked worker inherits the server's greenlets (its accept and heartbeat loops)"
+            " and runs them; leave it unset (forkserver) or use 'spawn'"
+        )
+    return None
+
+
 def create_backend(kind: str, options: BackendOptions) -> Backend:
     """The backend for ``EXECUTOR_TYPE`` ``kind``.
 
@@ -207,6 +235,11 @@ def create_backend(kind: str, options: BackendOptions) -> Backend:
     """
     if _exiting:
         raise RuntimeError("cannot schedule new futures after shutdown")
+    :raises RuntimeError: ``kind`` cannot work in this (monkey-patched) process.
+    """
+    problem = green_problem(kind, options.start_method)
+    if problem is not None:  # init_app checks too; this catches an app loaded before patching
+        raise RuntimeError(problem)
     if kind == "thread":
         from .thread import ThreadBackend
 
@@ -215,6 +248,10 @@ def create_backend(kind: str, options: BackendOptions) -> Backend:
         from .process import ProcessBackend
 
         return ProcessBackend(options)
+    if kind == "immediate":
+        from .immediate import ImmediateBackend, PicklingImmediateBackend
+
+        return (PicklingImmediateBackend if options.immediate_pickle else ImmediateBackend)(options)
     from .dask import DaskBackend
 
     return DaskBackend(options)

@@ -13,8 +13,9 @@ background task saw of the request that submitted it:
 * two users at once: each task sees its own user, never the other's (the bug
   Flask-Executor 1.0 has under ``fork``).
 
-Run it with ``python examples/demo.py``; ``examples/dask_demo.py`` runs the
-same app with its reports on an embedded Dask cluster.
+Run it with ``.venv/bin/python examples/demo/app.py``;
+``examples/dask_demo/app.py`` runs the same app with its reports on an
+embedded Dask cluster.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ app = Flask(__name__)
 app.config.update(
     SECRET_KEY="demo-only",
     SHOP_NAME="Demo Shop",
-    # "process" here; examples/dask_demo.py sets "dask": the tasks do not change.
+    # "process" here; examples/dask_demo/app.py sets "dask": the tasks do not change.
     REPORTS_EXECUTOR_TYPE=os.environ.get("DEMO_REPORTS_BACKEND", "process"),
     REPORTS_EXECUTOR_MAX_WORKERS=2,
     REPORTS_EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE=["SECRET_KEY"],
