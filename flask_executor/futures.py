@@ -129,8 +129,15 @@ class FutureProxy(Future[T], Generic[T]):
 
     def _invoke_callbacks(self) -> None:
         # Called once, when the future completes (result, exception or cancel).
+        # Each callback is guarded: whatever one raises, even SystemExit, is
+        # logged and the next one runs, so a callback never breaks the worker
+        # thread or dispatcher that completes futures.
         try:
-            super()._invoke_callbacks()  # type: ignore[misc]
+            for callback in self._done_callbacks:
+                try:
+                    callback(self)
+                except BaseException:
+                    logger.exception("a done callback of %r raised", self)
         finally:
             self._release()
 

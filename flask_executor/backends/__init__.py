@@ -231,12 +231,11 @@ def green_problem(kind: str, start_method: str | None) -> str | None:
 def create_backend(kind: str, options: BackendOptions) -> Backend:
     """The backend for ``EXECUTOR_TYPE`` ``kind``.
 
-    :raises RuntimeError: the interpreter is exiting.
+    :raises RuntimeError: the interpreter is exiting, or ``kind`` cannot work
+        in this (monkey-patched) process.
     """
     if _exiting:
         raise RuntimeError("cannot schedule new futures after shutdown")
-    :raises RuntimeError: ``kind`` cannot work in this (monkey-patched) process.
-    """
     problem = green_problem(kind, options.start_method)
     if problem is not None:  # init_app checks too; this catches an app loaded before patching
         raise RuntimeError(problem)
@@ -276,23 +275,16 @@ def settle(
 ) -> bool:
     """Complete ``future`` unless it already is; ``False`` if it was.
 
-    Its done callbacks run here, each guarded: whatever one raises, even
-    ``SystemExit``, is logged and the next one runs, so a callback can never
-    break the worker thread or dispatcher that settles futures.
+    Its done callbacks run here, each guarded (see
+    :meth:`FutureProxy._invoke_callbacks`): whatever one raises, even
+    ``SystemExit``, is logged, so a callback can never break the worker thread
+    or dispatcher that settles futures.
     """
-    with future._condition:  # add_done_callback waits while the callbacks are taken
-        callbacks, future._done_callbacks = future._done_callbacks, []  # type: ignore[attr-defined]
-        try:
-            if exception is not None:
-                future.set_exception(exception)
-            else:
-                future.set_result(result)
-        except InvalidStateError:
-            future._done_callbacks[:0] = callbacks  # type: ignore[attr-defined]
-            return False
-    for callback in callbacks:
-        try:
-            callback(future)
-        except BaseException:
-            logger.exception("a done callback of %r raised", future)
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        return False
     return True

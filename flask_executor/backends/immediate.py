@@ -59,8 +59,10 @@ class ImmediateBackend(Backend):
         """What runs for ``task``: a thread task is already a closure."""
         return task  # type: ignore[no-any-return]
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._shutdown = True
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
+        self._shutdown = True  # nothing runs in the background: nothing to wait for
 
 
 def _within_limit(call: Callable[[], Any], timeout: float | None) -> Any:
