@@ -619,6 +619,12 @@ class FutureCollection:
 
         .. versionadded:: 2.0
         """
+        # A task of this process that just finished may not have had its end
+        # written yet by its done callback: write it first (the write is idempotent).
+        with self._lock:
+            done = [(tid, future) for tid, future in self._local.items() if future.done()]
+        for task_id, future in done:
+            self._on_done(task_id, future)
         removed = self._store.purge()
         with self._lock:
             self._prune()

@@ -418,29 +418,32 @@ def test_shutdown_cancel_futures_cancels_pending(
         executor.submit(square, 1)
 
 
-def _exit_in_callback(future: object) -> None:
-    raise SystemExit(7)
-
-
 def test_dispatcher_failure_fails_outstanding_tasks_instead_of_hanging(
     app: Flask, shutdown_after: Callable[[Executor], Executor], gates: Gates
 ) -> None:
-    """A done callback that raises SystemExit kills the dispatcher thread (as it
-    kills the stdlib's manager thread); every outstanding future must then fail
-    with BrokenProcessPool and submit() must say so, rather than hang."""
+    """A bug that kills the dispatcher thread must not leave callers waiting: every
+    outstanding future fails with BrokenProcessPool and submit() says so. (A done
+    callback can no longer do this: what a callback raises is logged, see
+    test_pool_lifecycle; the failure is injected into the dispatcher's loop.)"""
     app.config.update(
         EXECUTOR_TYPE="process", EXECUTOR_START_METHOD="fork", EXECUTOR_MAX_WORKERS=1
     )
     executor = shutdown_after(Executor(app))
-    started, gate = gates.new(), gates.new()
+    started, gate, never = gates.new(), gates.new(), gates.new()
     with app.app_context():
         first = executor.submit(block_until, started, gate, "first")
-        first.add_done_callback(_exit_in_callback)
-        queued = executor.submit(pow, 2, 3)
+        # Cannot finish before the failure: outstanding whether queued or delivered.
+        queued = executor.submit(block_until, gates.new(), never, "queued")
         wait_for_path(started)
+        backend = executor._states[app].backend
+
+        def broken() -> None:
+            raise RuntimeError("injected")
+
+        backend._pool._enforce_deadlines = broken  # type: ignore[union-attr]
         touch(gate)
         assert first.result(timeout=30) == "first"
-        with pytest.raises(BrokenProcessPool, match="dispatcher failed: SystemExit"):
+        with pytest.raises(BrokenProcessPool, match="dispatcher failed: RuntimeError: injected"):
             queued.result(timeout=30)
         with pytest.raises(BrokenProcessPool):
             executor.submit(pow, 2, 3)

@@ -13,6 +13,7 @@ reads from it: its bytes simply wait.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections import deque
@@ -30,7 +31,12 @@ _READ = 1 << 16
 def channel_pair() -> tuple[Channel, Connection]:
     """A channel for the web process and the connection for its worker."""
     ours, theirs = socket.socketpair()
-    return Channel(ours), Connection(theirs.detach())
+    fd = theirs.detach()
+    # The worker reads and writes its end with blocking calls; under gevent the
+    # socket pair comes non-blocking at the OS level (a large result then failed
+    # with BlockingIOError), so say so explicitly.
+    os.set_blocking(fd, True)
+    return Channel(ours), Connection(fd)
 
 
 class Channel:
