@@ -336,3 +336,28 @@ def test_the_future_is_a_real_future(app: Flask, ex: Executor) -> None:
     assert isinstance(future, Future)
     assert not future.running() and not future.cancelled() and future.done()
     assert future.cancel() is False
+
+
+def endpoint_and_teardown_marker(marker: str) -> tuple[str | None, bool]:
+    g.teardown_marker = marker
+    return request.endpoint, "executor" in current_app.extensions
+
+
+def test_pickling_mode_builds_the_worker_app_with_the_factory(
+    app: Flask, shutdown_after: Callable[[Executor], Executor], tmp_path: Any
+) -> None:
+    # support:create_app registers a teardown handler that writes g.teardown_marker to the
+    # TEARDOWN_LOG file: it runs in the factory-built app, after the task, as in a worker.
+    log = tmp_path / "teardown.log"
+    app.config.update(
+        EXECUTOR_TYPE="immediate",
+        EXECUTOR_IMMEDIATE_PICKLE=True,
+        EXECUTOR_APP_FACTORY="support:create_app",
+        TEARDOWN_LOG=str(log),
+    )
+    executor = shutdown_after(Executor(app))
+    with app.test_request_context("/path/5"):
+        future = executor.submit(endpoint_and_teardown_marker, "m1")
+    # The factory's app (no executor on it), not the live one; its teardown ran.
+    assert future.result(timeout=0) == ("item", False)
+    assert log.read_text().split() == ["m1"]
