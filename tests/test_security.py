@@ -318,6 +318,25 @@ def test_chunked_body_respects_max_content_length(shutdown_after: Register) -> N
         future.result(timeout=WAIT)
 
 
+def test_sized_body_over_max_content_length_is_not_read(shutdown_after: Register) -> None:
+    app = create_app()
+    app.config.update(
+        EXECUTOR_TYPE="thread", EXECUTOR_SNAPSHOT_MAX_BODY=None, MAX_CONTENT_LENGTH=2 * MiB
+    )
+    executor = shutdown_after(Executor(app))
+    body = EndlessBody(3 * MiB)
+    with app.test_request_context(
+        "/path/1",
+        method="POST",
+        environ_overrides={"wsgi.input": io.BufferedReader(body), "CONTENT_LENGTH": str(3 * MiB)},
+    ):
+        future = executor.submit(body_length)  # neither raises nor reads: the view decides
+        assert body.produced == 0
+    # Reading it in the task gets Werkzeug's own 413, as in the view.
+    with pytest.raises(RequestEntityTooLarge):
+        future.result(timeout=WAIT)
+
+
 def test_chunked_request_through_the_test_client(shutdown_after: Register) -> None:
     app = create_app()
     app.config.update(EXECUTOR_TYPE="process", EXECUTOR_SNAPSHOT_MAX_BODY=MiB)
