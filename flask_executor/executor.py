@@ -387,27 +387,19 @@ class Executor(concurrent.futures.Executor):
             snap = capture(max_body=state.max_body, for_thread=not backend.pickles)
         task: Any
         spilled: list[str] = []
+        by_value = backend.by_value_main
         if backend.pickles:
             spec_version, spec = app_spec(app, state.config_rules, state.app_factory)
             with spilled_uploads() as spilled:  # large uploads travel as files
                 try:
-                    payload = dumps_call(
-                        fn, args, kwargs, snap, by_value_main=backend.by_value_main
-                    )
+                    payload = dumps_call(fn, args, kwargs, snap, by_value_main=by_value)
                 except SerializationError:
                     if snap is None:
-                        remove_files(spilled)
                         raise
                     # Leave out what cannot travel (g.db, a lock); reading it in the
                     # task says so. Raises again, naming it, if fn or an argument fails.
                     snap = snap.picklable()
-                    try:
-                        payload = dumps_call(
-                            fn, args, kwargs, snap, by_value_main=backend.by_value_main
-                        )
-                    except BaseException:
-                        remove_files(spilled)
-                        raise
+                    payload = dumps_call(fn, args, kwargs, snap, by_value_main=by_value)
         future: FutureProxy[T] = FutureProxy(_callback_context(app, snap), timeout)
         if spilled:  # the worker removes what it opened; this, what no task opened
             Future.add_done_callback(future, functools.partial(remove_files, spilled))

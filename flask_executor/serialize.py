@@ -117,13 +117,17 @@ def _filestorage_file_restore(
 @contextmanager
 def spilled_uploads() -> Iterator[list[str]]:
     """Collect the temporary files that large uploads are spilled to by the
-    :func:`dumps` calls inside the block (process workers only); remove them
-    with :func:`remove_files` once the task is done (the worker removes each
-    one it opens, so this only matters for tasks that never ran)."""
+    :func:`dumps` calls inside the block (process workers only). If the block
+    raises they are removed; else remove them with :func:`remove_files` once
+    the task is done (the worker removes each one it opens, so this only
+    matters for tasks that never ran)."""
     paths: list[str] = []
     token = _spilled.set(paths)
     try:
         yield paths
+    except BaseException:  # no task: nobody else removes them
+        remove_files(paths)
+        raise
     finally:
         _spilled.reset(token)
 

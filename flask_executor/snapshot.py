@@ -397,6 +397,9 @@ def _body_reduce(
     form_parsed = "form" in vars(req)
     if length is None:  # chunked: read at most the limit + 1 byte
         return _unsized_body_reduce(req, environ, max_body, form_parsed, reencode)
+    max_content = req.max_content_length
+    if max_content is not None and length > max_content:
+        return None, _over_max_content(max_content)
     data = req.get_data(cache=True)
     if length is not None and len(data) < length:
         if form_parsed and req.mimetype in _FORM_TYPES:
@@ -417,6 +420,13 @@ def _too_large(length: int, max_body: int, at_least: str = "") -> str:
         f"the request body ({at_least}{length} bytes) is larger than"
         f" EXECUTOR_SNAPSHOT_MAX_BODY ({max_body} bytes), so it was not copied into"
         " the task; raise that setting or pass what the task needs as arguments"
+    )
+
+
+def _over_max_content(max_content: int | None) -> str:
+    return (
+        f"the request body is larger than MAX_CONTENT_LENGTH ({max_content} bytes),"
+        " so it was not copied into the task"
     )
 
 
@@ -456,10 +466,7 @@ def _unsized_body_reduce(
             del state["stream"]
             req.environ["wsgi.input"] = rest
     if data is None or (max_content is not None and len(data) > max_content):
-        return None, (
-            f"the request body is larger than MAX_CONTENT_LENGTH ({max_content} bytes),"
-            " so it was not copied into the task"
-        )
+        return None, _over_max_content(max_content)
     if len(data) > max_body:
         return None, _too_large(len(data), max_body, "at least " if probe.truncated else "")
     if not data and form_parsed and req.mimetype in _FORM_TYPES:

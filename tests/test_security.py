@@ -32,6 +32,8 @@ from flask_executor import (
 )
 
 Register = Callable[[Executor], Executor]
+#: Seconds a result may take: generous, as the suite runs on loaded machines.
+WAIT = max(TIMEOUT, 30.0)
 
 SECRETS = {
     "SECRET_KEY": "web-secret",
@@ -92,7 +94,7 @@ def test_each_executor_applies_its_own_exclude_list(
     order = [secure, plain] if secure_first else [plain, secure]
     with app.app_context():
         seen = {
-            executor.name: executor.submit(config_items, *keys).result(timeout=TIMEOUT)
+            executor.name: executor.submit(config_items, *keys).result(timeout=WAIT)
             for executor in order
         }
     # No executor ever sends any executor's Dask security (TLS key material).
@@ -125,7 +127,7 @@ def test_dask_workers_do_not_get_secrets_by_default(
 ) -> None:
     executor = dask_executor(secret_app, shutdown_after, dask_scheduler_address)
     with secret_app.app_context():
-        seen = executor.submit(config_items, *SECRETS, *PLAIN).result(timeout=TIMEOUT)
+        seen = executor.submit(config_items, *SECRETS, *PLAIN).result(timeout=WAIT)
     assert seen == PLAIN
 
 
@@ -135,9 +137,9 @@ def test_dask_reading_a_left_out_key_says_which_setting_to_change(
     executor = dask_executor(secret_app, shutdown_after, dask_scheduler_address)
     with secret_app.app_context():
         with pytest.raises(ConfigKeyNotCopiedError) as info:
-            executor.submit(read_config, "SECRET_KEY").result(timeout=TIMEOUT)
+            executor.submit(read_config, "SECRET_KEY").result(timeout=WAIT)
         # .get() still gives the default: only [] raises.
-        assert executor.submit(get_config, "SECRET_KEY").result(timeout=TIMEOUT) == "default"
+        assert executor.submit(get_config, "SECRET_KEY").result(timeout=WAIT) == "default"
     assert isinstance(info.value, KeyError)
     message = str(info.value)
     assert "SECRET_KEY" in message and "EXECUTOR_SNAPSHOT_CONFIG_INCLUDE" in message
@@ -153,7 +155,7 @@ def test_dask_secrets_can_be_opted_in(
         EXECUTOR_SNAPSHOT_CONFIG_INCLUDE=["SECRET_KEY", "*_TOKEN"],
     )
     with secret_app.app_context():
-        seen = executor.submit(config_items, *SECRETS).result(timeout=TIMEOUT)
+        seen = executor.submit(config_items, *SECRETS).result(timeout=WAIT)
     assert seen == {"SECRET_KEY": "web-secret", "GITHUB_TOKEN": "gh-token"}
 
 
@@ -167,7 +169,7 @@ def test_excluded_key_raises_naming_the_exclude_setting(
     executor = shutdown_after(Executor(app))
     with app.app_context():
         with pytest.raises(ConfigKeyNotCopiedError, match="EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE"):
-            executor.submit(read_config, "SECRET_KEY").result(timeout=TIMEOUT)
+            executor.submit(read_config, "SECRET_KEY").result(timeout=WAIT)
 
 
 def test_process_workers_keep_secrets(shutdown_after: Register) -> None:
@@ -175,7 +177,7 @@ def test_process_workers_keep_secrets(shutdown_after: Register) -> None:
     app.config.update(SECRETS, EXECUTOR_TYPE="process")
     executor = shutdown_after(Executor(app))
     with app.app_context():
-        seen = executor.submit(config_items, *SECRETS).result(timeout=TIMEOUT)
+        seen = executor.submit(config_items, *SECRETS).result(timeout=WAIT)
     assert seen == SECRETS
 
 
@@ -208,7 +210,7 @@ def test_thread_async_task_is_awaited_without_app_context(
 ) -> None:
     app = create_app()
     executor = make_thread_executor(app, EXECUTOR_PUSH_APP_CONTEXT=False)
-    assert executor.submit(async_answer, 21).result(timeout=TIMEOUT) == 42
+    assert executor.submit(async_answer, 21).result(timeout=WAIT) == 42
 
 
 # -- 3. request bodies are read only up to the limit --------------------------------------
@@ -275,7 +277,7 @@ def test_chunked_body_over_the_limit_is_read_only_to_the_limit(
         assert body.produced <= 3 * MiB
         assert peak < 8 * MiB, f"submit() allocated {peak / MiB:.0f} MiB"
         with pytest.raises(BodyNotCapturedError, match="EXECUTOR_SNAPSHOT_MAX_BODY"):
-            future.result(timeout=TIMEOUT)
+            future.result(timeout=WAIT)
         # The view still reads the whole body, as if submit() had not looked at it.
         assert len(request.get_data()) == 64 * MiB
 
@@ -290,7 +292,7 @@ def test_chunked_body_within_the_limit_reaches_task_and_view(
     with chunked_context(app, EndlessBody(1000)):
         future = executor.submit(body_length)
         assert request.get_data() == b"x" * 1000
-    assert future.result(timeout=TIMEOUT) == 1000
+    assert future.result(timeout=WAIT) == 1000
 
 
 def test_chunked_body_respects_max_content_length(shutdown_after: Register) -> None:
@@ -313,7 +315,26 @@ def test_chunked_body_respects_max_content_length(shutdown_after: Register) -> N
         except RequestEntityTooLarge as exc:
             assert exc.code == without_submit
     with pytest.raises(BodyNotCapturedError, match="MAX_CONTENT_LENGTH"):
-        future.result(timeout=TIMEOUT)
+        future.result(timeout=WAIT)
+
+
+def test_sized_body_over_max_content_length_is_not_read(shutdown_after: Register) -> None:
+    app = create_app()
+    app.config.update(
+        EXECUTOR_TYPE="thread", EXECUTOR_SNAPSHOT_MAX_BODY=None, MAX_CONTENT_LENGTH=2 * MiB
+    )
+    executor = shutdown_after(Executor(app))
+    body = EndlessBody(3 * MiB)
+    with app.test_request_context(
+        "/path/1",
+        method="POST",
+        environ_overrides={"wsgi.input": io.BufferedReader(body), "CONTENT_LENGTH": str(3 * MiB)},
+    ):
+        future = executor.submit(body_length)  # neither raises nor reads: the view decides
+        assert body.produced == 0
+    # Reading it in the task gets Werkzeug's own 413, as in the view.
+    with pytest.raises(RequestEntityTooLarge):
+        future.result(timeout=WAIT)
 
 
 def test_chunked_request_through_the_test_client(shutdown_after: Register) -> None:
@@ -325,7 +346,7 @@ def test_chunked_request_through_the_test_client(shutdown_after: Register) -> No
     def view(item_id: int) -> str:
         future = executor.submit(body_length)
         try:
-            future.result(timeout=TIMEOUT)
+            future.result(timeout=WAIT)
         except BodyNotCapturedError as exc:
             outcome["error"] = str(exc)
         return str(len(request.get_data()))
@@ -375,9 +396,9 @@ def test_g_value_that_fails_to_unpickle_fails_only_its_readers(
         g.skewed = Skewed("v1")
         unaffected = executor.submit(g_report)
         reader = executor.submit(g_skewed)
-        assert unaffected.result(timeout=TIMEOUT) == {"user": "alice", "has_skewed": False}
+        assert unaffected.result(timeout=WAIT) == {"user": "alice", "has_skewed": False}
         with pytest.raises(GAttributeNotCopiedError) as info:
-            reader.result(timeout=TIMEOUT)
+            reader.result(timeout=WAIT)
     message = str(info.value)
     assert "g.skewed" in message and "No module named 'skewed_v2'" in message
     assert "unpickle" in message and "arguments" not in message
@@ -398,7 +419,7 @@ class _Touch:
 
 def report_progress(gate: str) -> str:
     current_task.update(progress=[1, 2], stage={"name": "upload", "parts": [3]})
-    wait_for_path(gate)
+    wait_for_path(gate, timeout=50)
     return "done"
 
 
@@ -417,7 +438,7 @@ def test_dask_events_are_parsed_never_unpickled(
     marker = str(tmp_path / "unpickled")
     with app.app_context():
         future = executor.submit(report_progress, gate)
-        wait_until(future.running)
+        wait_until(future.running, timeout=WAIT)
     backend: Any = executor._states[app].backend
     topic = backend._topic
     (key,) = backend._running
@@ -436,13 +457,13 @@ def test_dask_events_are_parsed_never_unpickled(
             12345,
         ]:
             intruder.log_event(topic, message)
-    wait_until(lambda: "progress" in future.meta)
+    wait_until(lambda: "progress" in future.meta, timeout=WAIT)
     assert future.meta == {"progress": [1, 2], "stage": {"name": "upload", "parts": [3]}}
     touch(gate)
-    assert future.result(timeout=TIMEOUT) == "done"
+    assert future.result(timeout=WAIT) == "done"
     assert not os.path.exists(marker)
     with app.app_context():  # the executor still works
-        assert executor.submit(g_report_plain).result(timeout=TIMEOUT) == "ok"
+        assert executor.submit(g_report_plain).result(timeout=WAIT) == "ok"
 
 
 def g_report_plain() -> str:
@@ -457,7 +478,7 @@ def test_dask_meta_that_is_not_json_fails_clearly(
     with app.app_context():
         future = executor.submit(update_with, {1, 2})
         with pytest.raises(TypeError, match=r"current_task.update\(\).*'when'.*JSON"):
-            future.result(timeout=TIMEOUT)
+            future.result(timeout=WAIT)
 
 
 # -- 5. finished futures hold their outcome, not the request ------------------------------
@@ -491,7 +512,7 @@ def test_finished_futures_hold_nothing_of_the_request(
     app = create_app()
     app.config.update(EXECUTOR_TYPE=kind, EXECUTOR_SNAPSHOT_MAX_BODY=None)
     executor = shutdown_after(Executor(app))
-    assert executor.submit(noop).result(timeout=TIMEOUT) == "ok"  # workers up
+    assert executor.submit(noop).result(timeout=WAIT) == "ok"  # workers up
     callback_paths: list[str] = []
     tracked = Tracked()
     refs: list[weakref.ref[Any]] = []
@@ -515,13 +536,13 @@ def test_finished_futures_hold_nothing_of_the_request(
                 future.add_done_callback(lambda f: callback_paths.append(request.path))
                 futures.append(future)
             del value
-        assert [f.result(timeout=TIMEOUT) for f in futures] == ["ok"] * 20
-        wait_until(lambda: len(callback_paths) == 20)
+        assert [f.result(timeout=WAIT) for f in futures] == ["ok"] * 20
+        wait_until(lambda: len(callback_paths) == 20, timeout=WAIT)
         # Done callbacks added before completion ran with the request's context.
         assert callback_paths == ["/path/1"] * 20
         gc.collect()  # the view's own request (environ <-> request) is a cycle
         try:
-            wait_until(lambda: held_memory(base) < 40 * MiB)
+            wait_until(lambda: held_memory(base) < 40 * MiB, timeout=WAIT)
         except AssertionError:
             pytest.fail(f"20 finished futures hold {held_memory(base) / MiB:.0f} MiB")
         assert [ref for ref in refs if ref() is not None] == []
@@ -539,7 +560,7 @@ def test_finished_futures_free_their_payload_without_the_cyclic_gc(
     app = create_app()
     app.config.update(EXECUTOR_TYPE=kind)
     executor = shutdown_after(Executor(app))
-    assert executor.submit(noop).result(timeout=TIMEOUT) == "ok"  # workers up
+    assert executor.submit(noop).result(timeout=WAIT) == "ok"  # workers up
     gc.collect()
     gc.disable()  # a reference cycle must not be what frees a payload
     tracemalloc.start()
@@ -547,9 +568,9 @@ def test_finished_futures_free_their_payload_without_the_cyclic_gc(
         base, _ = tracemalloc.get_traced_memory()
         with app.app_context():
             futures = [executor.submit(len, b"x" * (10 * MiB)) for _ in range(20)]
-        assert [f.result(timeout=TIMEOUT) for f in futures] == [10 * MiB] * 20
+        assert [f.result(timeout=WAIT) for f in futures] == [10 * MiB] * 20
         try:
-            wait_until(lambda: held_memory(base) < 40 * MiB)
+            wait_until(lambda: held_memory(base) < 40 * MiB, timeout=WAIT)
         except AssertionError:
             pytest.fail(f"20 finished futures hold {held_memory(base) / MiB:.0f} MiB")
     finally:
@@ -573,7 +594,7 @@ def test_big_upload_to_a_process_task_costs_at_most_one_copy(
     app = create_app()
     app.config.update(EXECUTOR_TYPE="process")
     executor = shutdown_after(Executor(app))
-    assert executor.submit(noop).result(timeout=TIMEOUT) == "ok"  # workers up
+    assert executor.submit(noop).result(timeout=WAIT) == "ok"  # workers up
     content = os.urandom(MiB) * (size // MiB)
     digest = hashlib.sha256(content).hexdigest()
     with app.test_request_context(
@@ -586,7 +607,7 @@ def test_big_upload_to_a_process_task_costs_at_most_one_copy(
         try:
             base, _ = tracemalloc.get_traced_memory()
             future = executor.submit(upload_digest, upload)
-            outcome = future.result(timeout=60)
+            outcome = future.result(timeout=WAIT)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -617,5 +638,5 @@ def test_upload_of_a_cancelled_process_task_is_removed(
         assert queued.cancel()
         request.environ["wsgi.input"].close()
     touch(gate)
-    blocker.result(timeout=TIMEOUT)
+    blocker.result(timeout=WAIT)
     assert not list(Path(tempfile.gettempdir()).glob(pattern))
