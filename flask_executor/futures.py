@@ -30,7 +30,14 @@ from .errors import StoreSignatureError, StoreUnavailableError
 from .serialize import type_name
 from .stores.base import CANCEL_REFUSED, BaseStore, TaskRecord
 from .stores.memory import MemoryStore
-from .stores.remote import StoredFuture, Watcher, check_lost, future_state, live_record
+from .stores.remote import (
+    StoredFuture,
+    Watcher,
+    check_lost,
+    future_state,
+    live_record,
+    wait_cancelled,
+)
 from .stores.signing import Signer, decode_outcome, encode_outcome
 
 __all__ = ["FutureCollection", "FutureProxy", "StoredFuture", "future_state"]
@@ -348,7 +355,10 @@ class FutureCollection:
                 logger.exception("could not encode the outcome of task %s", task_id)
                 fields = {"state": "failed", "error_message": "outcome could not be stored"}
         else:  # the local future answers; the record needs its end for ttl
-            fields = {"state": "cancelled" if future.cancelled() else "finished"}
+            fields = {"state": future_state(future)}
+            if fields["state"] == "failed":
+                exc = future.exception()
+                fields.update(error_type=type_name(exc), error_message=str(exc))
         self._write(task_id, finished_at=time.time(), **fields)
 
     def _write(self, task_id: str, **fields: Any) -> None:
@@ -540,27 +550,20 @@ class FutureCollection:
         .. versionadded:: 2.0
         """
         record = self._read(future_key)
-        if record is None:
-            return None
+        return None if record is None else self._cancel(record)
+
+    def _cancel(self, record: TaskRecord) -> bool:
+        """Cancel the task of ``record``, here or through its owner."""
         future = self._local.get(record.task_id)
         if future is not None:
             return future.cancel()
         if record.done:
             return record.state == "cancelled"
-        self._store.request_cancel(future_key)
-        deadline = time.monotonic() + CANCEL_WAIT
-        delay = 0.01
-        while time.monotonic() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
-            current = self._read_id(record.task_id)
-            if current is None:
-                return False
-            if current.done:
-                return current.state == "cancelled"
-            if current.cancel == CANCEL_REFUSED:
-                return False
-        return False
+        current = self._store.get(record.key)
+        if current is None or current.task_id != record.task_id:
+            return False  # popped: its key may name another task now
+        self._store.request_cancel(record.key)
+        return wait_cancelled(lambda: self._read_id(record.task_id), CANCEL_WAIT)
 
     def records(self, limit: int | None = None) -> list[TaskRecord]:
         """The stored tasks' records, newest submitted first (for dashboards

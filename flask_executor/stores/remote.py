@@ -13,18 +13,25 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TaskLostError
 from ..serialize import type_name
-from .base import BaseStore, TaskRecord
+from .base import CANCEL_REFUSED, BaseStore, TaskRecord
 
 if TYPE_CHECKING:
     from ..futures import FutureCollection
 
-__all__ = ["StoredFuture", "Watcher", "check_lost", "future_state", "live_record"]
+__all__ = [
+    "StoredFuture",
+    "Watcher",
+    "check_lost",
+    "future_state",
+    "live_record",
+    "wait_cancelled",
+]
 
 logger = logging.getLogger("flask_executor")
 
@@ -72,6 +79,22 @@ def check_lost(store: BaseStore, record: TaskRecord, lost_after: float) -> TaskR
             "error_message": message}
     store.update(record.task_id, **lost)
     return record.replace(**lost)
+
+
+def wait_cancelled(read: Callable[[], TaskRecord | None], timeout: float) -> bool:
+    """After a cancel request: wait (backing off, up to ``timeout`` seconds)
+    for the owner's answer in the record ``read()`` returns."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+        current = read()
+        if current is None or current.cancel == CANCEL_REFUSED:
+            return False
+        if current.done:
+            return current.state == "cancelled"
+    return False
 
 
 def future_state(future: Future[Any]) -> str:
@@ -194,7 +217,7 @@ class StoredFuture(Future[Any]):
         """Ask the owning process to cancel the task; ``True`` if it did."""
         if Future.done(self):
             return Future.cancelled(self)
-        cancelled = self._collection.cancel(self._record.key)
+        cancelled = self._collection._cancel(self._record)
         self._refresh()
         return bool(cancelled) or Future.cancelled(self)
 

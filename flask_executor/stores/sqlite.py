@@ -24,8 +24,10 @@ from .base import CANCEL_REQUESTED, UNFINISHED, WRITABLE, BaseStore, TaskRecord
 
 __all__ = ["SQLiteStore"]
 
-#: Popped records still waited on are kept by id this long after they finish.
+#: Popped records still waited on are kept by id this long after they finish,
+#: and at most this long after they were submitted.
 POPPED_KEEP = 300.0
+POPPED_FORGET = 86400.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -171,9 +173,10 @@ class SQLiteStore(BaseStore):
                         "DELETE FROM tasks WHERE ns = ? AND finished_at <= ?",
                         (self.namespace, now - self.ttl),
                     )
-                conn.execute(
-                    "DELETE FROM tasks WHERE ns = ? AND key IS NULL AND finished_at <= ?",
-                    (self.namespace, now - POPPED_KEEP),
+                conn.execute(  # popped records nobody waits for any more
+                    "DELETE FROM tasks WHERE ns = ? AND key IS NULL"
+                    " AND (finished_at <= ? OR submitted_at <= ?)",
+                    (self.namespace, now - POPPED_KEEP, now - POPPED_FORGET),
                 )
                 try:
                     conn.execute(
