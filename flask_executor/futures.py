@@ -272,6 +272,8 @@ class FutureCollection:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop.set()
+            if watcher is not threading.current_thread() and watcher.pid == os.getpid():
+                watcher.join(timeout=5)
         self._store.close()
 
     # -- the owner's side ---------------------------------------------------------

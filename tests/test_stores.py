@@ -4,6 +4,7 @@ Redis stores (a real ``redis-server`` per test), in one process and across proce
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -178,7 +179,8 @@ def test_purge_keeps_pending_and_running(store_url: str, executors: Any, gates: 
         executor.submit_stored("done", append_line, os.devnull)
         executor.submit_stored("bad", fail_with, "x")
         executor.submit_stored("busy", progress_then_wait, gate, 1)
-    wait_until(lambda: executor.futures.done("done") and executor.futures.done("bad"))
+    store = executor.futures.store
+    wait_until(lambda: all(store.get(key).done for key in ("done", "bad")))  # type: ignore[union-attr]
     wait_until(lambda: executor.futures.state("busy") == "running")
     assert executor.futures.purge() == 2
     assert executor.futures.keys() == ["busy"]
@@ -258,7 +260,7 @@ def test_a_forged_outcome_is_refused_never_unpickled(
     assert record is not None and record.outcome is not None
     forged = b"\0" * 32 + pickle.dumps(("ok", _Boom()))
     if store_url.startswith("sqlite"):
-        with sqlite3.connect(store_url[len("sqlite:///"):]) as db:
+        with contextlib.closing(sqlite3.connect(store_url[len("sqlite:///"):])) as db, db:
             db.execute("UPDATE tasks SET outcome = ?", (forged,))
     else:
         import redis
