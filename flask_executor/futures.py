@@ -454,6 +454,9 @@ class FutureCollection:
 
     def __contains__(self, item: object) -> bool:
         """``key in futures`` or ``future in futures``."""
+        if isinstance(item, StoredFuture):
+            current = self._read(item.key)
+            return current is not None and current.task_id == item.record.task_id
         if isinstance(item, Future):
             with self._lock:
                 owned = [tid for tid, future in self._local.items() if future is item]

@@ -215,7 +215,7 @@ def test_another_collection_reads_through_the_store(store_url: str, executors: A
         owner.submit_stored("job", progress_then_wait, gate, [1, 2])
         owner.submit_stored("bad", fail_with, "broken")
     remote = reader.futures.get("job")
-    assert isinstance(remote, StoredFuture)
+    assert isinstance(remote, StoredFuture) and remote in reader.futures
     wait_until(lambda: reader.futures.meta("job").get("stage") == "half")
     assert reader.futures.state("job") == "running" and not remote.done()
     with pytest.raises(concurrent.futures.TimeoutError):

@@ -158,13 +158,16 @@ class StoredFuture(Future[Any]):
         if not record.done or Future.done(self):
             return
         if record.state == "cancelled":
-            Future.cancel(self)
+            Future.cancel(self)  # a no-op if another thread settled it first
             return
         result, exception = self._collection._decode(record)
-        if exception is not None:
-            self.set_exception(exception)
-        else:
-            self.set_result(result)
+        try:
+            if exception is not None:
+                self.set_exception(exception)
+            else:
+                self.set_result(result)
+        except concurrent.futures.InvalidStateError:  # another thread settled it first
+            pass
 
     def _refresh(self) -> None:
         if Future.done(self):
