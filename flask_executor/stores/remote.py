@@ -143,6 +143,8 @@ class StoredFuture(Future[Any]):
         super().__init__()
         self._collection = collection
         self._record = record
+        #: The record was just read: the first question needs no second read.
+        self._fresh = True
         self._settle(record)
 
     @property
@@ -170,6 +172,9 @@ class StoredFuture(Future[Any]):
             pass
 
     def _refresh(self) -> None:
+        if self._fresh:
+            self._fresh = False
+            return
         if Future.done(self):
             return
         record = self._collection._read_id(self._record.task_id)
