@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -31,6 +30,7 @@ from .serialize import type_name
 from .stores.base import CANCEL_REFUSED, BaseStore, TaskRecord
 from .stores.memory import MemoryStore
 from .stores.remote import (
+    HOST,
     StoredFuture,
     Watcher,
     check_lost,
@@ -51,8 +51,6 @@ LOST_AFTER = 15.0
 CANCEL_WAIT = 10.0
 #: Attempts at writing a record before the failure is logged.
 WRITE_ATTEMPTS = 4
-
-_HOST = socket.gethostname()
 
 T = TypeVar("T")
 
@@ -237,10 +235,11 @@ class FutureCollection:
     def _use_store(self, store: BaseStore, secret: Callable[[], Any], setting: str) -> None:
         """Called by :meth:`Executor.init_app`: keep records in ``store``;
         ``secret()`` gives the ``SECRET_KEY`` results are signed with."""
+        if store is not self._store:
+            self.close()  # outside the lock: the watcher takes it
         with self._lock:
             store.max_length, store.ttl = self._store.max_length, self._store.ttl
             if store is not self._store:
-                self.close()
                 self._store = store
                 self._local.clear()
             self._secret = secret
@@ -296,7 +295,7 @@ class FutureCollection:
             key=key,
             task_id=uuid.uuid4().hex,
             function=function,
-            owner_host=_HOST,
+            owner_host=HOST,
             owner_pid=os.getpid(),
         )
         try:
@@ -392,7 +391,7 @@ class FutureCollection:
 
     def _beat(self) -> None:
         try:
-            self._store.beat(_HOST, os.getpid())
+            self._store.beat(HOST, os.getpid())
         except Exception as error:
             logger.warning("%s: heartbeat failed: %s", self._store.url, error)
 
@@ -401,7 +400,7 @@ class FutureCollection:
         with self._lock:
             if self._idle():
                 return
-        for task_id in self._store.cancel_requests(_HOST, os.getpid()):
+        for task_id in self._store.cancel_requests(HOST, os.getpid()):
             future = self._local.get(task_id)
             if future is None or not future.cancel():
                 self._write(task_id, cancel=CANCEL_REFUSED)

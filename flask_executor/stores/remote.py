@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..futures import FutureCollection
 
 __all__ = [
+    "HOST",
     "StoredFuture",
     "Watcher",
     "check_lost",
@@ -40,7 +41,8 @@ CANCEL_POLL = 0.25
 #: Seconds between an owner's heartbeats.
 BEAT_INTERVAL = 3.0
 _LOST_TYPE = type_name(TaskLostError())
-_HOST = socket.gethostname()
+#: This machine's name, as owners are recorded.
+HOST = socket.gethostname()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -58,11 +60,11 @@ def check_lost(store: BaseStore, record: TaskRecord, lost_after: float) -> TaskR
     written to the store, if its owner is dead: on this host, its pid is gone;
     anywhere, its heartbeat is older than ``lost_after`` seconds."""
     host, pid = record.owner_host, record.owner_pid
-    if (host, pid) == (_HOST, os.getpid()):
+    if (host, pid) == (HOST, os.getpid()):
         return record
     now = time.time()
     reason = None
-    if host == _HOST and not _pid_alive(pid):
+    if host == HOST and not _pid_alive(pid):
         reason = "that process is gone"
     else:
         # A fresh submission counts as a beat: the owner's watcher may not have beaten yet.
