@@ -25,6 +25,8 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
+from flask import has_request_context, request
+
 from .errors import StoreSignatureError, StoreUnavailableError
 from .serialize import type_name
 from .stores.base import CANCEL_REFUSED, BaseStore, TaskRecord
@@ -440,8 +442,6 @@ class FutureCollection:
         """Say once, under a pre-fork server, why a memory-store key may be missing."""
         if self._store.shared or self._warned_multiprocess:
             return
-        from flask import has_request_context, request
-
         if has_request_context() and request.environ.get("wsgi.multiprocess"):
             self._warned_multiprocess = True
             logger.warning(

@@ -133,8 +133,7 @@ def status_blueprint(
                 f"; the server runs several processes and {futures._setting} = 'memory'"
                 " keeps tasks per process, so another process may hold it: set"
                 f" {futures._setting} to a shared store"
-            )
-            current_app.logger.warning("status endpoint: %s", message)
+            )  # futures.get() logged it, once
         return jsonify(error=message, key=key), 404
 
     return blueprint
