@@ -188,6 +188,22 @@ def test_purge_keeps_pending_and_running(store_url: str, executors: Any, gates: 
 
 
 @shared
+def test_jobs_submit_stored_through_the_store(store_url: str, executors: Any) -> None:
+    app, owner = executors(store_url)
+    _, reader = executors(store_url)
+    job = owner.job(retries=1)(fail_with)
+    with app.app_context():
+        job.submit_stored("job", "always")
+        with pytest.raises(ValueError, match="already exists"):
+            job.submit_stored("job", "again")
+    error = reader.futures.exception("job", timeout=TIMEOUT)
+    assert isinstance(error, LookupError) and str(error) == "always"
+    record = reader.futures.record("job")
+    assert record is not None and record.function.endswith("fail_with")
+    assert record.meta == {"attempt": 2}
+
+
+@shared
 def test_namespaces_keep_executors_apart(store_url: str, executors: Any) -> None:
     app, first = executors(store_url)
     app.config["REPORTS_EXECUTOR_STORE"] = store_url
