@@ -246,6 +246,30 @@ def test_another_collection_reads_through_the_store(store_url: str, executors: A
 
 
 @shared
+def test_an_exception_class_the_reader_cannot_import(
+    store_url: str, executors: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ownermod.py").write_text(
+        "class OwnerOnlyError(Exception):\n    pass\n\n"
+        "def fail():\n    raise OwnerOnlyError('only the owner knows me')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import ownermod
+
+    app, owner = executors(store_url)
+    _, reader = executors(store_url)
+    with app.app_context():
+        owner.submit_stored("k", ownermod.fail)
+    wait_until(lambda: owner.futures.store.get("k").done)  # type: ignore[union-attr]
+    monkeypatch.delitem(sys.modules, "ownermod")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    error = reader.futures.exception("k", timeout=TIMEOUT)
+    assert type(error) is RuntimeError
+    assert str(error) == "ownermod.OwnerOnlyError: only the owner knows me"
+    assert "def fail" not in str(error) and "OwnerOnlyError" in str(error.__cause__)
+
+
+@shared
 def test_no_secret_key_refuses_a_shared_store(store_url: str, executors: Any,
                                               tmp_path: Path) -> None:
     app, executor = executors(store_url)
