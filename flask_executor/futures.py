@@ -351,17 +351,11 @@ class FutureCollection:
             self._write(task_id, meta=dict(data))
 
     def _on_done(self, task_id: str, future: Future[Any]) -> None:
-        if self._store.shared:
-            try:
-                fields = encode_outcome(future, self._signing())
-            except Exception:
-                logger.exception("could not encode the outcome of task %s", task_id)
-                fields = {"state": "failed", "error_message": "outcome could not be stored"}
-        else:  # the local future answers; the record needs its end for ttl
-            fields = {"state": future_state(future)}
-            if fields["state"] == "failed":
-                exc = future.exception()
-                fields.update(error_type=type_name(exc), error_message=str(exc))
+        try:  # the memory store keeps no outcome: the local future has it
+            fields = encode_outcome(future, self._signing())
+        except Exception:
+            logger.exception("could not encode the outcome of task %s", task_id)
+            fields = {"state": "failed", "error_message": "outcome could not be stored"}
         self._write(task_id, finished_at=time.time(), **fields)
 
     def _write(self, task_id: str, **fields: Any) -> None:
