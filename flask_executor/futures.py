@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
@@ -295,7 +294,7 @@ class FutureCollection:
         self._signing()
         record = TaskRecord(
             key=key,
-            task_id=uuid.uuid4().hex,
+            task_id=os.urandom(16).hex(),
             function=function,
             owner_host=HOST,
             owner_pid=os.getpid(),
