@@ -16,21 +16,29 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
+from flask import has_request_context, request
+
 from .errors import StoreSignatureError, StoreUnavailableError
 from .serialize import type_name
 from .stores.base import CANCEL_REFUSED, BaseStore, TaskRecord
 from .stores.memory import MemoryStore
-from .stores.remote import StoredFuture, Watcher, check_lost, future_state, live_record
+from .stores.remote import (
+    HOST,
+    StoredFuture,
+    Watcher,
+    check_lost,
+    future_state,
+    live_record,
+    wait_cancelled,
+)
 from .stores.signing import Signer, decode_outcome, encode_outcome
 
 __all__ = ["FutureCollection", "FutureProxy", "StoredFuture", "future_state"]
@@ -44,8 +52,6 @@ LOST_AFTER = 15.0
 CANCEL_WAIT = 10.0
 #: Attempts at writing a record before the failure is logged.
 WRITE_ATTEMPTS = 4
-
-_HOST = socket.gethostname()
 
 T = TypeVar("T")
 
@@ -256,10 +262,11 @@ class FutureCollection:
     def _use_store(self, store: BaseStore, secret: Callable[[], Any], setting: str) -> None:
         """Called by :meth:`Executor.init_app`: keep records in ``store``;
         ``secret()`` gives the ``SECRET_KEY`` results are signed with."""
+        if store is not self._store:
+            self.close()  # outside the lock: the watcher takes it
         with self._lock:
             store.max_length, store.ttl = self._store.max_length, self._store.ttl
             if store is not self._store:
-                self.close()
                 self._store = store
                 self._local.clear()
             self._secret = secret
@@ -291,6 +298,8 @@ class FutureCollection:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop.set()
+            if watcher is not threading.current_thread() and watcher.pid == os.getpid():
+                watcher.join(timeout=5)
         self._store.close()
 
     # -- the owner's side ---------------------------------------------------------
@@ -311,9 +320,9 @@ class FutureCollection:
         self._signing()
         record = TaskRecord(
             key=key,
-            task_id=uuid.uuid4().hex,
+            task_id=os.urandom(16).hex(),
             function=function,
-            owner_host=_HOST,
+            owner_host=HOST,
             owner_pid=os.getpid(),
         )
         try:
@@ -367,14 +376,11 @@ class FutureCollection:
             self._write(task_id, meta=dict(data))
 
     def _on_done(self, task_id: str, future: Future[Any]) -> None:
-        if self._store.shared:
-            try:
-                fields = encode_outcome(future, self._signing())
-            except Exception:
-                logger.exception("could not encode the outcome of task %s", task_id)
-                fields = {"state": "failed", "error_message": "outcome could not be stored"}
-        else:  # the local future answers; the record needs its end for ttl
-            fields = {"state": "cancelled" if future.cancelled() else "finished"}
+        try:  # the memory store keeps no outcome: the local future has it
+            fields = encode_outcome(future, self._signing())
+        except Exception:
+            logger.exception("could not encode the outcome of task %s", task_id)
+            fields = {"state": "failed", "error_message": "outcome could not be stored"}
         self._write(task_id, finished_at=time.time(), **fields)
 
     def _write(self, task_id: str, **fields: Any) -> None:
@@ -406,7 +412,7 @@ class FutureCollection:
 
     def _beat(self) -> None:
         try:
-            self._store.beat(_HOST, os.getpid())
+            self._store.beat(HOST, os.getpid())
         except Exception as error:
             logger.warning("%s: heartbeat failed: %s", self._store.url, error)
 
@@ -415,7 +421,7 @@ class FutureCollection:
         with self._lock:
             if self._idle():
                 return
-        for task_id in self._store.cancel_requests(_HOST, os.getpid()):
+        for task_id in self._store.cancel_requests(HOST, os.getpid()):
             future = self._local.get(task_id)
             if future is None or not future.cancel():
                 self._write(task_id, cancel=CANCEL_REFUSED)
@@ -455,8 +461,6 @@ class FutureCollection:
         """Say once, under a pre-fork server, why a memory-store key may be missing."""
         if self._store.shared or self._warned_multiprocess:
             return
-        from flask import has_request_context, request
-
         if has_request_context() and request.environ.get("wsgi.multiprocess"):
             self._warned_multiprocess = True
             logger.warning(
@@ -468,6 +472,9 @@ class FutureCollection:
 
     def __contains__(self, item: object) -> bool:
         """``key in futures`` or ``future in futures``."""
+        if isinstance(item, StoredFuture):
+            current = self._read(item.key)
+            return current is not None and current.task_id == item.record.task_id
         if isinstance(item, Future):
             with self._lock:
                 owned = [tid for tid, future in self._local.items() if future is item]
@@ -566,27 +573,20 @@ class FutureCollection:
         .. versionadded:: 2.0
         """
         record = self._read(future_key)
-        if record is None:
-            return None
+        return None if record is None else self._cancel(record)
+
+    def _cancel(self, record: TaskRecord) -> bool:
+        """Cancel the task of ``record``, here or through its owner."""
         future = self._local.get(record.task_id)
         if future is not None:
             return future.cancel()
         if record.done:
             return record.state == "cancelled"
-        self._store.request_cancel(future_key)
-        deadline = time.monotonic() + CANCEL_WAIT
-        delay = 0.01
-        while time.monotonic() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
-            current = self._read_id(record.task_id)
-            if current is None:
-                return False
-            if current.done:
-                return current.state == "cancelled"
-            if current.cancel == CANCEL_REFUSED:
-                return False
-        return False
+        current = self._store.get(record.key)
+        if current is None or current.task_id != record.task_id:
+            return False  # popped: its key may name another task now
+        self._store.request_cancel(record.key)
+        return wait_cancelled(lambda: self._read_id(record.task_id), CANCEL_WAIT)
 
     def records(self, limit: int | None = None) -> list[TaskRecord]:
         """The stored tasks' records, newest submitted first (for dashboards

@@ -43,6 +43,13 @@ def _json_or_none(value: Any) -> Any:
     return value
 
 
+def _result_or_none(future: Future[Any]) -> Any:
+    try:
+        return _json_or_none(future.result())
+    except Exception:  # a stored result this process cannot read
+        return None
+
+
 def describe(key: Hashable, future: Future[Any]) -> dict[str, Any]:
     """The JSON-ready status of one future. In debug mode a failed task's
     description also has its ``traceback``."""
@@ -60,7 +67,7 @@ def describe(key: Hashable, future: Future[Any]) -> dict[str, Any]:
         "key": key if isinstance(key, (str, int, float)) else str(key),
         "state": state,
         "meta": _json_or_none(getattr(future, "meta", {})),
-        "result": _json_or_none(future.result()) if state == "finished" else None,
+        "result": _result_or_none(future) if state == "finished" else None,
         "error": error,
         **described,
     }
@@ -133,8 +140,7 @@ def status_blueprint(
                 f"; the server runs several processes and {futures._setting} = 'memory'"
                 " keeps tasks per process, so another process may hold it: set"
                 f" {futures._setting} to a shared store"
-            )
-            current_app.logger.warning("status endpoint: %s", message)
+            )  # futures.get() logged it, once
         return jsonify(error=message, key=key), 404
 
     return blueprint

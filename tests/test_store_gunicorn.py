@@ -74,9 +74,11 @@ def _app_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_every_worker_answers_every_poll(store_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("args", [[], ["--preload"]], ids=["lazy", "preload"])
+def test_every_worker_answers_every_poll(store_url: str, tmp_path: Path, args: list[str]) -> None:
     env = {"TEST_STORE": store_url}
-    with GunicornServer("storeapp:app", cwd=_app_dir(tmp_path), workers=3, env=env) as server:
+    with GunicornServer("storeapp:app", cwd=_app_dir(tmp_path), workers=3, env=env,
+                        args=args) as server:
         started = server.post("/start/job-1/8")
         assert started.status == 202, started
         owner = started.json()["pid"]

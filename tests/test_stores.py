@@ -4,6 +4,7 @@ Redis stores (a real ``redis-server`` per test), in one process and across proce
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -178,11 +179,28 @@ def test_purge_keeps_pending_and_running(store_url: str, executors: Any, gates: 
         executor.submit_stored("done", append_line, os.devnull)
         executor.submit_stored("bad", fail_with, "x")
         executor.submit_stored("busy", progress_then_wait, gate, 1)
-    wait_until(lambda: executor.futures.done("done") and executor.futures.done("bad"))
+    store = executor.futures.store
+    wait_until(lambda: all(store.get(key).done for key in ("done", "bad")))  # type: ignore[union-attr]
     wait_until(lambda: executor.futures.state("busy") == "running")
     assert executor.futures.purge() == 2
     assert executor.futures.keys() == ["busy"]
     touch(gate)
+
+
+@shared
+def test_jobs_submit_stored_through_the_store(store_url: str, executors: Any) -> None:
+    app, owner = executors(store_url)
+    _, reader = executors(store_url)
+    job = owner.job(retries=1)(fail_with)
+    with app.app_context():
+        job.submit_stored("job", "always")
+        with pytest.raises(ValueError, match="already exists"):
+            job.submit_stored("job", "again")
+    error = reader.futures.exception("job", timeout=TIMEOUT)
+    assert isinstance(error, LookupError) and str(error) == "always"
+    record = reader.futures.record("job")
+    assert record is not None and record.function.endswith("fail_with")
+    assert record.meta == {"attempt": 2}
 
 
 @shared
@@ -213,7 +231,7 @@ def test_another_collection_reads_through_the_store(store_url: str, executors: A
         owner.submit_stored("job", progress_then_wait, gate, [1, 2])
         owner.submit_stored("bad", fail_with, "broken")
     remote = reader.futures.get("job")
-    assert isinstance(remote, StoredFuture)
+    assert isinstance(remote, StoredFuture) and remote in reader.futures
     wait_until(lambda: reader.futures.meta("job").get("stage") == "half")
     assert reader.futures.state("job") == "running" and not remote.done()
     with pytest.raises(concurrent.futures.TimeoutError):
@@ -225,6 +243,30 @@ def test_another_collection_reads_through_the_store(store_url: str, executors: A
     assert "fail_with" in str(error.__cause__)  # the worker's traceback text
     assert reader.futures.pop("job").result(0) == [1, 2]  # type: ignore[union-attr]
     assert "job" not in owner.futures
+
+
+@shared
+def test_an_exception_class_the_reader_cannot_import(
+    store_url: str, executors: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ownermod.py").write_text(
+        "class OwnerOnlyError(Exception):\n    pass\n\n"
+        "def fail():\n    raise OwnerOnlyError('only the owner knows me')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import ownermod
+
+    app, owner = executors(store_url)
+    _, reader = executors(store_url)
+    with app.app_context():
+        owner.submit_stored("k", ownermod.fail)
+    wait_until(lambda: owner.futures.store.get("k").done)  # type: ignore[union-attr]
+    monkeypatch.delitem(sys.modules, "ownermod")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    error = reader.futures.exception("k", timeout=TIMEOUT)
+    assert type(error) is RuntimeError
+    assert str(error) == "ownermod.OwnerOnlyError: only the owner knows me"
+    assert "def fail" not in str(error) and "OwnerOnlyError" in str(error.__cause__)
 
 
 @shared
@@ -258,7 +300,7 @@ def test_a_forged_outcome_is_refused_never_unpickled(
     assert record is not None and record.outcome is not None
     forged = b"\0" * 32 + pickle.dumps(("ok", _Boom()))
     if store_url.startswith("sqlite"):
-        with sqlite3.connect(store_url[len("sqlite:///"):]) as db:
+        with contextlib.closing(sqlite3.connect(store_url[len("sqlite:///"):])) as db, db:
             db.execute("UPDATE tasks SET outcome = ?", (forged,))
     else:
         import redis
@@ -317,7 +359,9 @@ def test_a_result_that_cannot_be_written_is_retried_then_logged(
         executor.submit_stored("lost-write", append_line, os.devnull)
     executor.futures.get("lost-write").result(TIMEOUT)  # type: ignore[union-attr]
     wait_until(lambda: "could not write" in caplog.text)
-    assert "lost-write" not in caplog.text or True
+    line = next(r.getMessage() for r in caplog.records if "could not write" in r.getMessage())
+    assert "finished_at" in line and "tasks.db" in line and "after 4 attempts" in line
+    assert failures["left"] == 100 - 4  # retried, then given up: no hang
 
 
 def test_bad_store_url_names_the_key(tmp_path: Path) -> None:

@@ -13,18 +13,26 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TaskLostError
 from ..serialize import type_name
-from .base import BaseStore, TaskRecord
+from .base import CANCEL_REFUSED, BaseStore, TaskRecord
 
 if TYPE_CHECKING:
     from ..futures import FutureCollection
 
-__all__ = ["StoredFuture", "Watcher", "check_lost", "future_state", "live_record"]
+__all__ = [
+    "HOST",
+    "StoredFuture",
+    "Watcher",
+    "check_lost",
+    "future_state",
+    "live_record",
+    "wait_cancelled",
+]
 
 logger = logging.getLogger("flask_executor")
 
@@ -33,7 +41,8 @@ CANCEL_POLL = 0.25
 #: Seconds between an owner's heartbeats.
 BEAT_INTERVAL = 3.0
 _LOST_TYPE = type_name(TaskLostError())
-_HOST = socket.gethostname()
+#: This machine's name, as owners are recorded.
+HOST = socket.gethostname()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -51,11 +60,11 @@ def check_lost(store: BaseStore, record: TaskRecord, lost_after: float) -> TaskR
     written to the store, if its owner is dead: on this host, its pid is gone;
     anywhere, its heartbeat is older than ``lost_after`` seconds."""
     host, pid = record.owner_host, record.owner_pid
-    if (host, pid) == (_HOST, os.getpid()):
+    if (host, pid) == (HOST, os.getpid()):
         return record
     now = time.time()
     reason = None
-    if host == _HOST and not _pid_alive(pid):
+    if host == HOST and not _pid_alive(pid):
         reason = "that process is gone"
     else:
         # A fresh submission counts as a beat: the owner's watcher may not have beaten yet.
@@ -72,6 +81,22 @@ def check_lost(store: BaseStore, record: TaskRecord, lost_after: float) -> TaskR
             "error_message": message}
     store.update(record.task_id, **lost)
     return record.replace(**lost)
+
+
+def wait_cancelled(read: Callable[[], TaskRecord | None], timeout: float) -> bool:
+    """After a cancel request: wait (backing off, up to ``timeout`` seconds)
+    for the owner's answer in the record ``read()`` returns."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+        current = read()
+        if current is None or current.cancel == CANCEL_REFUSED:
+            return False
+        if current.done:
+            return current.state == "cancelled"
+    return False
 
 
 def future_state(future: Future[Any]) -> str:
@@ -120,6 +145,8 @@ class StoredFuture(Future[Any]):
         super().__init__()
         self._collection = collection
         self._record = record
+        #: The record was just read: the first question needs no second read.
+        self._fresh = True
         self._settle(record)
 
     @property
@@ -135,15 +162,21 @@ class StoredFuture(Future[Any]):
         if not record.done or Future.done(self):
             return
         if record.state == "cancelled":
-            Future.cancel(self)
+            Future.cancel(self)  # a no-op if another thread settled it first
             return
         result, exception = self._collection._decode(record)
-        if exception is not None:
-            self.set_exception(exception)
-        else:
-            self.set_result(result)
+        try:
+            if exception is not None:
+                self.set_exception(exception)
+            else:
+                self.set_result(result)
+        except concurrent.futures.InvalidStateError:  # another thread settled it first
+            pass
 
     def _refresh(self) -> None:
+        if self._fresh:
+            self._fresh = False
+            return
         if Future.done(self):
             return
         record = self._collection._read_id(self._record.task_id)
@@ -194,7 +227,7 @@ class StoredFuture(Future[Any]):
         """Ask the owning process to cancel the task; ``True`` if it did."""
         if Future.done(self):
             return Future.cancelled(self)
-        cancelled = self._collection.cancel(self._record.key)
+        cancelled = self._collection._cancel(self._record)
         self._refresh()
         return bool(cancelled) or Future.cancelled(self)
 
