@@ -508,3 +508,79 @@ def test_script_with_main_guard_works(tmp_path: Path, start_method: str) -> None
     script = run_script(tmp_path, WITH_MAIN_GUARD, start_method)
     out, err = script.communicate(timeout=WAIT * 2)
     assert (script.returncode, out.strip()) == (0, "result 42"), err
+
+
+# -- forks of the web process --------------------------------------------------------------------
+
+PARENT_FORKS_THEN_DIES = """
+    import os, sys, time
+    from flask import Flask
+    from flask_executor import Executor
+    from fault_support import getpid
+
+    if __name__ == "__main__":
+        app = Flask(__name__)
+        app.config.update(
+            EXECUTOR_TYPE="process", EXECUTOR_START_METHOD=sys.argv[1], EXECUTOR_MAX_WORKERS=1
+        )
+        executor = Executor(app)
+        worker = executor.submit(getpid).result(timeout=30)
+        child = os.fork()  # e.g. a library that forks; the child outlives its parent
+        if child == 0:
+            time.sleep(120)
+            os._exit(0)
+        print(worker, child, flush=True)
+        time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_workers_exit_when_web_process_dies_even_if_it_forked(
+    tmp_path: Path, start_method: str
+) -> None:
+    web = run_script(tmp_path, PARENT_FORKS_THEN_DIES, start_method)
+    worker = child = 0
+    try:
+        assert web.stdout is not None
+        worker, child = map(int, web.stdout.readline().split())
+        web.kill()
+        web.wait(timeout=WAIT)
+        wait_until(lambda: not pid_is_alive(worker), timeout=8)
+        assert pid_is_alive(child)
+    finally:
+        for pid in (worker, child):
+            if pid and pid_is_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if web.poll() is None:
+            web.kill()
+        _, err = web.communicate(timeout=WAIT)
+    assert "Traceback" not in err, err
+
+
+def test_forked_child_refuses_the_parents_pool_and_parent_is_untouched() -> None:
+    backend = ProcessBackend(
+        BackendOptions(max_workers=1, task_timeout=None, start_method="forkserver")
+    )
+    try:
+        worker = raw_submit(backend, getpid).result(timeout=WAIT)
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            code = 3
+            try:
+                raw_submit(backend, getpid)
+            except BrokenProcessPool as exc:
+                code = 0 if "forked" in str(exc) else 1
+            except BaseException:
+                code = 2
+            os._exit(code)
+        deadline = time.monotonic() + WAIT
+        while (status := os.waitpid(child, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                raise AssertionError("the forked child hung")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status[1]) == 0
+        assert raw_submit(backend, getpid).result(timeout=WAIT) == worker
+    finally:
+        backend.shutdown(wait=True)

@@ -54,7 +54,7 @@ from ..tasks import log_record_restore
 from . import Backend, BackendOptions, PickledTask, settle
 from ._channel import Channel, channel_pair
 from ._start import check_main_guard, death_message, default_start_method, how_it_ended
-from ._worker import rebuild_outcome, worker_main
+from ._worker import rebuild_outcome, release, worker_main
 
 __all__ = ["START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend", "default_start_method"]
 
@@ -157,6 +157,20 @@ class _Pool:
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._workers: list[_Worker] = []
         self._retired: list[Any] = []
+        _pools.add(self)
+
+    def _forked(self) -> None:
+        """In a child forked from the web process (``os.fork()``, a server
+        that forks after the pool started): let go of the workers' sockets,
+        so that they still see the web process die and the child can never
+        write to them, and refuse new tasks (the child has no dispatcher)."""
+        self._lock = threading.RLock()  # another thread may have held it at fork time
+        release(tuple(fd for fd in (w.channel.fileno() for w in self._workers) if fd >= 0))
+        self._workers, self._pending, self._retired = [], deque(), []
+        self._broken = (
+            "this process was forked from the one that started this process pool,"
+            " and a pool serves only the process that started it"
+        )
 
     # -- caller side -----------------------------------------------------------
 
@@ -176,7 +190,7 @@ class _Pool:
                 wake = True
             else:
                 self._give(worker, item)
-                wake = item.deadline is not None or worker.channel.sending
+                wake = item.deadline is not None or worker.channel.sending or worker.broken
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._dispatch, name="flask-executor-dispatcher", daemon=True
@@ -335,10 +349,11 @@ class _Pool:
         """Start a worker (lock held); the error if no process could be started."""
         channel, child_conn = channel_pair()
         # A fork child inherits the web process's end of every pool socket; it
-        # must release them, or no worker would see the web process die.
+        # must release them, or no worker would see the web process die. The
+        # at-fork hook releases the other workers' ends; this is its own.
         inherited: tuple[int, ...] = ()
         if self._context.get_start_method() == "fork":
-            inherited = (channel.fileno(), *(w.channel.fileno() for w in self._workers))
+            inherited = (channel.fileno(),)
         process = self._context.Process(
             target=worker_main,
             args=(
@@ -611,6 +626,17 @@ class _Pool:
         self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
+
+
+_pools: weakref.WeakSet[_Pool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _cancel(future: FutureProxy[Any]) -> None:
