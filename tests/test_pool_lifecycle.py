@@ -42,6 +42,7 @@ from support import Gates, block_until, wait_for_path, wait_until
 import flask_executor.backends.process as process_backend
 from flask_executor import Executor, SerializationError
 from flask_executor.backends import Backend, BackendOptions, PickledTask
+from flask_executor.backends._channel import channel_pair
 from flask_executor.backends.process import ProcessBackend
 from flask_executor.futures import FutureProxy
 from flask_executor.serialize import dumps_call
@@ -584,3 +585,44 @@ def test_forked_child_refuses_the_parents_pool_and_parent_is_untouched() -> None
         assert raw_submit(backend, getpid).result(timeout=WAIT) == worker
     finally:
         backend.shutdown(wait=True)
+
+
+# -- the web process's end of a worker's socket ---------------------------------------------
+
+
+def test_channel_speaks_connection_framing_without_blocking() -> None:
+    """Messages of every size go both ways between a Channel and a Connection, a half-sent
+    or half-read message never blocks, and EOF is seen."""
+    channel, conn = channel_pair()
+    sizes = [0, 1, 4000, 16384, 70_000, 3 << 20]
+    try:
+        for size in sizes:  # web process -> worker; the socket takes only part of the big one
+            channel.send(bytes([size % 251]) * size)
+        assert channel.sending
+        received: list[bytes] = []
+        reader = threading.Thread(
+            target=lambda: received.extend(conn.recv_bytes() for _ in sizes), daemon=True
+        )
+        reader.start()
+        deadline = time.monotonic() + WAIT
+        while reader.is_alive() and time.monotonic() < deadline:
+            channel.flush()  # never blocks: sends what the socket takes now
+            time.sleep(0.001)
+        reader.join(timeout=WAIT)
+        assert [len(m) for m in received] == sizes and not channel.sending
+        writer = threading.Thread(  # worker -> web process, read as it arrives
+            target=lambda: [conn.send_bytes(bytes([n % 251]) * n) for n in sizes], daemon=True
+        )
+        writer.start()
+        messages: list[Any] = []
+        deadline = time.monotonic() + WAIT
+        while len(messages) < len(sizes) and time.monotonic() < deadline:
+            messages += channel.receive()
+        writer.join(timeout=WAIT)
+        assert [bytes(m) for m in messages] == [bytes([s % 251]) * s for s in sizes]
+        assert channel.receive() == [] and not channel.closed
+        conn.close()
+        assert channel.receive() == [] and channel.closed
+    finally:
+        channel.close()
+        conn.close()

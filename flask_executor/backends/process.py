@@ -166,7 +166,11 @@ class _Pool:
         write to them, and refuse new tasks (the child has no dispatcher)."""
         self._lock = threading.RLock()  # another thread may have held it at fork time
         release(tuple(fd for fd in (w.channel.fileno() for w in self._workers) if fd >= 0))
+        for worker in self._workers:
+            worker.channel.close()  # closes only the /dev/null copy now
         self._workers, self._pending, self._retired = [], deque(), []
+        self._thread = None
+        self._close()
         self._broken = (
             "this process was forked from the one that started this process pool,"
             " and a pool serves only the process that started it"
@@ -468,9 +472,13 @@ class _Pool:
             self._worker_lost(worker)  # it exits by itself
 
     def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
+        item = worker.item
+        if item is not None and item.task_id != task_id:
+            item = None
+        if item is not None:  # while the worker still has it: a bug here fails it too
+            ok, value = rebuild_outcome(outcome)
         limit = self.options.max_tasks_per_child
         with self._lock:
-            item = worker.item
             worker.tasks_done += 1
             retire = bool(limit and worker.tasks_done >= limit)
             if retire:  # out of the pool before anyone can claim it again
@@ -478,8 +486,7 @@ class _Pool:
             worker.item = None
         if retire:
             self._retire(worker)
-        if item is not None and item.task_id == task_id:
-            ok, value = rebuild_outcome(outcome)
+        if item is not None:
             if ok:
                 settle(item.future, result=value)
             else:
@@ -498,9 +505,9 @@ class _Pool:
         if worker not in self._workers:
             return
         self._forget(worker)  # first: nobody may claim it any more
-        try:  # a result sent just before dying still counts
+        try:  # a result (or why it could not start) sent just before dying still counts
             for data in worker.channel.receive():
-                if worker.item is None:
+                if worker.item is None and (worker.ready or worker.failure):
                     break
                 self._handle(worker, pickle.loads(data))
         except (EOFError, OSError, pickle.UnpicklingError):
