@@ -278,6 +278,19 @@ def test_dropped_backend_stops_its_dispatcher_and_workers(start_method: str) -> 
     wait_until(lambda: not any(pid_is_alive(pid) for pid in pids))
 
 
+def test_dropped_executor_and_app_wind_the_pool_down() -> None:
+    before = dispatchers()
+    app = Flask(__name__)
+    app.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
+    executor = Executor(app)
+    with app.app_context():
+        pid = executor.submit(getpid).result(timeout=WAIT)
+    mine = dispatchers() - before
+    del executor, app
+    gc.collect()
+    wait_until(lambda: not any(t.is_alive() for t in mine) and not pid_is_alive(pid))
+
+
 # -- 5. frozen workers ---------------------------------------------------------------------------
 
 
