@@ -13,6 +13,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import InvalidStateError
+from concurrent.futures._base import CANCELLED
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,3 +153,13 @@ def settle(
         except BaseException:
             logger.exception("a done callback of %r raised", future)
     return True
+
+
+def cancel_and_notify(future: FutureProxy[Any]) -> None:
+    """Cancel a task that will not run, and mark it notified, so that
+    :func:`concurrent.futures.wait` counts it as done (as the stdlib's pools
+    do when they drop a cancelled item)."""
+    future.cancel()
+    with future._condition:
+        if future._state == CANCELLED:
+            future.set_running_or_notify_cancel()

@@ -15,18 +15,13 @@ How work flows::
     the worker's orphan watch: a thread that exits the process the moment its
     socket's other end closes (the web process is gone), whatever it is doing
 
-Each worker has its own socket pair and runs one task at a time, so the
-dispatcher always knows which task a worker is running: a worker that dies
-fails only that task, a task past its time limit or cancelled while running
-has its worker killed, and the pool starts replacements as work needs them.
-No thread ever blocks on a worker (the web process's ends of the sockets are
-non-blocking, see :mod:`._channel`). Workers live as long as the pool and exit
-when the web process dies. The whole behaviour is described in
-``docs/reliability.rst``.
-
-The backend object is only a front: the dispatcher thread holds the pool
-(:class:`_Pool`), never the :class:`ProcessBackend`, so a backend nobody
-references any more is collected and its finalizer winds the pool down.
+Each worker runs one task at a time, so the dispatcher knows which task each
+worker has: a worker that dies fails only that task, and a task past its time
+limit or cancelled while running has its worker killed. No thread blocks on a
+worker (the web process's socket ends are non-blocking, see :mod:`._channel`).
+The dispatcher holds the :class:`_Pool`, never the :class:`ProcessBackend`, so
+a backend nobody references is collected and its finalizer winds the pool
+down. The behaviour is described in ``docs/reliability.rst``.
 """
 
 from __future__ import annotations
@@ -43,17 +38,24 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures._base import CANCELLED
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from ..errors import TaskTimeoutError, TerminatedWorkerError
+from ..errors import TaskTimeoutError
 from ..futures import FutureProxy
 from ..serialize import type_name
 from ..tasks import log_record_restore
-from . import Backend, BackendOptions, PickledTask, settle
+from . import Backend, BackendOptions, PickledTask, cancel_and_notify, settle
 from ._channel import Channel, channel_pair
-from ._start import check_main_guard, death_message, default_start_method, how_it_ended
+from ._start import (
+    check_main_guard,
+    death_error,
+    default_start_method,
+    how_it_ended,
+    init_error,
+    shutdown_error,
+    start_error,
+)
 from ._worker import rebuild_outcome, release, worker_main
 
 __all__ = ["START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend", "default_start_method"]
@@ -219,7 +221,7 @@ class _Pool:
             if thread is None:
                 self._close()
         for item in dropped:
-            _cancel(item.future)
+            cancel_and_notify(item.future)
         self._wake()
         if thread is not None and wait and thread is not threading.current_thread():
             thread.join()
@@ -344,7 +346,7 @@ class _Pool:
             wanted = min(len(self._pending) - starting, self._max_workers - len(self._workers))
             errors = [self._start_worker() for _ in range(wanted)]
         for item in dropped:
-            _cancel(item.future)
+            cancel_and_notify(item.future)
         for error in errors:
             if error is not None:
                 self._start_failed(error)
@@ -373,11 +375,7 @@ class _Pool:
             process.start()
         except Exception as exc:  # fork failed (EAGAIN, ENOMEM), exec failed
             channel.close()
-            error = TerminatedWorkerError(
-                f"a worker process could not be started: {type_name(exc)}: {exc}"
-            )
-            error.__cause__ = exc
-            return error
+            return start_error(None, f"could not be started ({type_name(exc)}: {exc})", exc)
         finally:
             child_conn.close()
         worker = _Worker(process, channel)
@@ -462,13 +460,8 @@ class _Pool:
         elif kind == "log":
             log_record_restore(message[2])
         elif kind == "init_failed":
-            _, cause = rebuild_outcome(message[1])
-            worker.failure = BrokenProcessPool(
-                f"the worker initializer (EXECUTOR_WORKER_INIT ="
-                f" {self.options.worker_init!r}) raised {type_name(cause)}: {cause};"
-                " its traceback is this error's cause"
-            )
-            worker.failure.__cause__ = cause
+            cause = rebuild_outcome(message[1])[1]
+            worker.failure = init_error(self.options.worker_init, cause)
             self._worker_lost(worker)  # it exits by itself
 
     def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
@@ -520,15 +513,10 @@ class _Pool:
             worker.channel.close()
             item, worker.item = worker.item, None
         if item is not None:
-            settle(item.future, exception=TerminatedWorkerError(death_message(worker.process)))
+            settle(item.future, exception=death_error(worker.process))
         elif not worker.ready:
-            self._start_failed(
-                worker.failure
-                or TerminatedWorkerError(
-                    f"a worker process (pid {worker.process.pid})"
-                    f" {how_it_ended(worker.process)} while starting, before it took a task"
-                )
-            )
+            how = f"{how_it_ended(worker.process)} while starting"
+            self._start_failed(worker.failure or start_error(worker.process, how))
 
     def _start_failed(self, error: BaseException) -> None:
         """A worker could not start; after :data:`START_ATTEMPTS` in a row the
@@ -543,7 +531,7 @@ class _Pool:
                 self._pending.remove(item)
         for item in items:
             if not settle(item.future, exception=error):
-                _cancel(item.future)  # it was cancelled meanwhile: let wait() see it
+                cancel_and_notify(item.future)  # it was cancelled meanwhile: let wait() see it
 
     def _kill(self, worker: _Worker) -> None:
         self._forget(worker)
@@ -569,13 +557,11 @@ class _Pool:
                 self._kill(worker)
             elif not worker.ready and worker.start_deadline <= now:
                 self._kill(worker)
-                self._start_failed(
-                    TerminatedWorkerError(
-                        f"a worker process (pid {worker.process.pid}) did not start within"
-                        f" {WORKER_START_TIMEOUT:g} s (flask_executor.backends.process."
-                        "WORKER_START_TIMEOUT) and was killed"
-                    )
+                how = (
+                    f"did not start within {WORKER_START_TIMEOUT:g} s (flask_executor"
+                    ".backends.process.WORKER_START_TIMEOUT) and was killed"
                 )
+                self._start_failed(start_error(worker.process, how))
         if self._stop_at is not None and self._stop_at <= now:
             self._stop_now()
 
@@ -590,17 +576,9 @@ class _Pool:
             item = worker.item
             self._kill(worker)
             if item is not None:
-                settle(
-                    item.future,
-                    exception=TerminatedWorkerError(
-                        f"the pool was shut down while this task was running: it did not"
-                        f" finish within the shutdown timeout ({self._stop_timeout:g} s,"
-                        f" EXECUTOR_SHUTDOWN_TIMEOUT); its worker (pid"
-                        f" {worker.process.pid}) was killed"
-                    ),
-                )
+                settle(item.future, exception=shutdown_error(worker.process, self._stop_timeout))
         for item in dropped:
-            _cancel(item.future)
+            cancel_and_notify(item.future)
 
     def _handle_stop_requests(self) -> None:
         while self._stop_requests:
@@ -644,12 +622,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _cancel(future: FutureProxy[Any]) -> None:
-    """Cancel a task that will not run, and mark it notified, so that
-    :func:`concurrent.futures.wait` counts it as done (as the stdlib's pools do)."""
-    future.cancel()
-    with future._condition:
-        if future._state == CANCELLED:
-            future.set_running_or_notify_cancel()
