@@ -9,6 +9,7 @@ import pytest
 from flask import Flask, has_app_context, has_request_context
 from flask.ctx import AppContext, RequestContext
 from flask.testing import FlaskClient
+from process_support import START_METHODS, MakeProcessExecutor, process_config
 from support import Gates, create_app
 
 from flask_executor import Executor
@@ -171,3 +172,28 @@ def gates(tmp_path: Path, shutdown_after: Callable[[Executor], Executor]) -> Ite
     gates = Gates(tmp_path)
     yield gates
     gates.open_all()
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request: pytest.FixtureRequest) -> str:
+    """Each process start method in turn: fork, forkserver, spawn."""
+    method: str = request.param
+    return method
+
+
+@pytest.fixture
+def make_process_executor(
+    shutdown_after: Callable[[Executor], Executor],
+) -> MakeProcessExecutor:
+    """``make(app, start_method, **config)``: a process executor of two workers, shut
+    down after the test.
+
+    No ``EXECUTOR_APP_FACTORY`` unless given: workers use the stand-in app built from the
+    app spec (or, under fork, the app they inherited).
+    """
+
+    def make(app: Flask, start_method: str | None, **config: Any) -> Executor:
+        app.config.update(process_config(start_method, **config))
+        return shutdown_after(Executor(app))
+
+    return make

@@ -7,11 +7,17 @@ import gc
 import os
 import signal
 import struct
+import subprocess
+import sys
+import textwrap
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from fault_support import write_pid
 from flask import current_app
+
+TESTS_DIR = str(Path(__file__).parent)
 
 #: What ``init_worker`` saw, in this worker process.
 INITIALIZED: tuple[Any, ...] | None = None
@@ -53,3 +59,18 @@ def freeze_mid_message(pid_path: str) -> None:
     write_pid(pid_path)
     os.write(conns[0].fileno(), struct.pack("!i", 1 << 20) + b"x" * 1000)
     os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def run_script(tmp_path: Path, source: str, *args: str) -> subprocess.Popen[str]:
+    """Start ``source`` as a Python script in ``tmp_path`` (tests/ on its path)."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, *sys.path])}
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

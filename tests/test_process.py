@@ -38,6 +38,7 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
+from process_support import MakeProcessExecutor, process_config
 from support import Gates, block_until, create_app, touch, wait_for_path, wait_until
 from werkzeug.routing import BaseConverter
 
@@ -51,43 +52,6 @@ from flask_executor.backends.process import default_start_method
 
 #: Seconds any wait for a task's result may take.
 WAIT = 30
-
-START_METHODS = ["fork", "forkserver", "spawn"]
-
-MakeProcessExecutor = Callable[..., Executor]
-
-
-@pytest.fixture(params=START_METHODS)
-def start_method(request: pytest.FixtureRequest) -> str:
-    method: str = request.param
-    return method
-
-
-def process_config(start_method: str | None, **config: Any) -> dict[str, Any]:
-    """The config of a two-worker process pool; ``start_method=None`` keeps the default."""
-    values: dict[str, Any] = {"EXECUTOR_TYPE": "process", "EXECUTOR_MAX_WORKERS": 2}
-    if start_method is not None:
-        values["EXECUTOR_START_METHOD"] = start_method
-    values.update(config)
-    return values
-
-
-@pytest.fixture
-def make_process_executor(
-    shutdown_after: Callable[[Executor], Executor],
-) -> MakeProcessExecutor:
-    """``make(app, start_method, **config)``: a process executor shut down after the test.
-
-    No ``EXECUTOR_APP_FACTORY`` unless given: workers use the stand-in app built from the
-    app spec (or, under fork, the app they inherited).
-    """
-
-    def make(app: Flask, start_method: str | None, **config: Any) -> Executor:
-        app.config.update(process_config(start_method, **config))
-        return shutdown_after(Executor(app))
-
-    return make
-
 
 def child_pids() -> set[int]:
     return {process.pid for process in multiprocessing.active_children() if process.pid}

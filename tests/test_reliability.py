@@ -418,32 +418,35 @@ def test_shutdown_cancel_futures_cancels_pending(
         executor.submit(square, 1)
 
 
+def _dispatcher_bug(outcome: object) -> None:
+    raise SystemExit(7)
+
+
 def test_dispatcher_failure_fails_outstanding_tasks_instead_of_hanging(
-    app: Flask, shutdown_after: Callable[[Executor], Executor], gates: Gates
+    app: Flask,
+    shutdown_after: Callable[[Executor], Executor],
+    gates: Gates,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A bug that kills the dispatcher thread must not leave callers waiting: every
-    outstanding future fails with BrokenProcessPool and submit() says so. (A done
-    callback can no longer do this: what a callback raises is logged, see
-    test_pool_lifecycle; the failure is injected into the dispatcher's loop.)"""
+    """A bug that kills the dispatcher thread (here: SystemExit while it rebuilds a
+    result); every outstanding future must then fail with BrokenProcessPool and submit()
+    must say so, rather than hang. (A done callback that raises no longer does this: see
+    test_pool_lifecycle.py.)"""
+    import flask_executor.backends.process as process_backend
+
+    monkeypatch.setattr(process_backend, "rebuild_outcome", _dispatcher_bug)
     app.config.update(
         EXECUTOR_TYPE="process", EXECUTOR_START_METHOD="fork", EXECUTOR_MAX_WORKERS=1
     )
     executor = shutdown_after(Executor(app))
-    started, gate, never = gates.new(), gates.new(), gates.new()
+    started, gate = gates.new(), gates.new()
     with app.app_context():
         first = executor.submit(block_until, started, gate, "first")
-        # Cannot finish before the failure: outstanding whether queued or delivered.
-        queued = executor.submit(block_until, gates.new(), never, "queued")
+        queued = executor.submit(pow, 2, 3)
         wait_for_path(started)
-        backend = executor._states[app].backend
-
-        def broken() -> None:
-            raise RuntimeError("injected")
-
-        backend._pool._enforce_deadlines = broken  # type: ignore[union-attr]
         touch(gate)
-        assert first.result(timeout=30) == "first"
-        with pytest.raises(BrokenProcessPool, match="dispatcher failed: RuntimeError: injected"):
-            queued.result(timeout=30)
+        for future in (first, queued):
+            with pytest.raises(BrokenProcessPool, match="dispatcher failed: SystemExit"):
+                future.result(timeout=30)
         with pytest.raises(BrokenProcessPool):
             executor.submit(pow, 2, 3)

@@ -26,6 +26,8 @@ _LONG = struct.Struct("!Q")
 #: Below this, header and message go out in one ``send`` (as Connection does).
 _SMALL = 16384
 _READ = 1 << 16
+#: Incomplete messages at least this large are read into a buffer of their own.
+_LARGE = 1 << 20
 
 
 def channel_pair() -> tuple[Channel, Connection]:
@@ -50,6 +52,9 @@ class Channel:
         self._sock = sock
         self._out: deque[memoryview] = deque()
         self._in = bytearray()
+        #: The buffer a large incoming message is read into, and how full it is.
+        self._body: bytearray | None = None
+        self._filled = 0
         self.closed = False
 
     def fileno(self) -> int:
@@ -93,24 +98,38 @@ class Channel:
             else:
                 out.popleft()
 
-    def receive(self) -> list[bytes]:
-        """The complete messages that arrived; sets :attr:`closed` at EOF."""
-        while True:
+    def receive(self) -> list[bytes | bytearray]:
+        """The complete messages that arrived; sets :attr:`closed` at EOF.
+
+        A large message is read straight into a buffer of its size (no
+        growing buffer, no extra copy), which is returned as it is.
+        """
+        messages: list[bytes | bytearray] = []
+        while not self.closed:
             try:
-                data = self._sock.recv(_READ)
+                if self._body is not None:
+                    count = self._sock.recv_into(memoryview(self._body)[self._filled :])
+                    self._filled += count
+                    if self._filled == len(self._body):
+                        messages.append(self._body)
+                        self._body = None
+                else:
+                    data = self._sock.recv(_READ)
+                    count = len(data)
+                    self._in += data
+                    messages += self._messages()
             except BlockingIOError:
                 break
             except OSError:
+                count = 0
+            if not count:
                 self.closed = True
-                break
-            if not data:
-                self.closed = True
-                break
-            self._in += data
-        return self._messages()
+        return messages
 
-    def _messages(self) -> list[bytes]:
-        messages = []
+    def _messages(self) -> list[bytes | bytearray]:
+        """Cut the complete messages out of the input buffer; start the body
+        buffer of a large one that is still incomplete."""
+        messages: list[bytes | bytearray] = []
         buffer = self._in
         start = 0
         while len(buffer) - start >= 4:
@@ -121,11 +140,21 @@ class Channel:
                     break
                 (size,) = _LONG.unpack_from(buffer, start + 4)
                 head = 12
-            if len(buffer) - start - head < size:
-                break
-            with memoryview(buffer) as view:  # one copy, not two
-                messages.append(bytes(view[start + head : start + head + size]))
-            start += head + size
+            available = len(buffer) - start - head
+            with memoryview(buffer) as view:
+                body = view[start + head : start + head + size]
+                if available >= size:
+                    messages.append(bytes(body))
+                    body.release()
+                    start += head + size
+                    continue
+                if size >= _LARGE:
+                    self._body = bytearray(size)
+                    self._body[:available] = body
+                    self._filled = available
+                    start = len(buffer)
+                body.release()
+            break
         if start:
             del buffer[:start]
         return messages

@@ -1,5 +1,5 @@
 """Starting worker processes: which start method, whether the web process's main
-script can be started from, and how to describe the way a worker ended."""
+script can be started from, and the errors that say how a worker ended."""
 
 from __future__ import annotations
 
@@ -8,10 +8,22 @@ import inspect
 import multiprocessing
 import signal
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from types import FrameType
 from typing import Any
 
-__all__ = ["check_main_guard", "death_message", "default_start_method", "how_it_ended"]
+from ..errors import TerminatedWorkerError
+from ..serialize import type_name
+
+__all__ = [
+    "check_main_guard",
+    "death_error",
+    "default_start_method",
+    "how_it_ended",
+    "init_error",
+    "shutdown_error",
+    "start_error",
+]
 
 
 def default_start_method() -> str:
@@ -104,8 +116,36 @@ def how_it_ended(process: Any) -> str:
     return f"exited with code {code}"
 
 
-def death_message(process: Any) -> str:
-    return (
+def death_error(process: Any) -> TerminatedWorkerError:
+    """The error of the task a worker was running when it died."""
+    return TerminatedWorkerError(
         f"the worker process (pid {process.pid}) running this task {how_it_ended(process)};"
         " only this task failed, a replacement worker starts for the others"
+    )
+
+
+def start_error(process: Any, how: str, cause: BaseException | None = None) -> BaseException:
+    """A worker (``process``, or ``None`` if none could be started) that never came up."""
+    pid = f" (pid {process.pid})" if process is not None else ""
+    error = TerminatedWorkerError(f"a worker process{pid} {how}, before it took a task")
+    error.__cause__ = cause
+    return error
+
+
+def init_error(name: str | None, cause: BaseException) -> BaseException:
+    """The worker initializer ``name`` raised ``cause`` (which carries its traceback)."""
+    error = BrokenProcessPool(
+        f"the worker initializer (EXECUTOR_WORKER_INIT = {name!r}) raised"
+        f" {type_name(cause)}: {cause}; its traceback is this error's cause"
+    )
+    error.__cause__ = cause
+    return error
+
+
+def shutdown_error(process: Any, timeout: float) -> TerminatedWorkerError:
+    """A task still running when the shutdown timeout ran out."""
+    return TerminatedWorkerError(
+        "the pool was shut down while this task was running: it did not finish within the"
+        f" shutdown timeout ({timeout:g} s, EXECUTOR_SHUTDOWN_TIMEOUT); its worker (pid"
+        f" {process.pid}) was killed"
     )

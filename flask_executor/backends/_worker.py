@@ -27,7 +27,7 @@ from ..serialize import dumps, import_object, loads, type_name
 from ..snapshot import Snapshot, restore
 from ..tasks import Publisher, TaskHandle, _current_task, forward_logs
 
-__all__ = ["Outcome", "RemoteTraceback", "rebuild_outcome", "run_call", "worker_main"]
+__all__ = ["Outcome", "RemoteTraceback", "rebuild_outcome", "release", "run_call", "worker_main"]
 
 #: ``("ok", result_bytes)`` or ``("error", exception_bytes_or_None, type, message, traceback)``
 Outcome = tuple[Any, ...]
@@ -185,7 +185,7 @@ def worker_main(
     It runs in a fresh :mod:`contextvars` context, so a worker forked from a
     thread that had a request pushed never sees that request.
     """
-    _release(inherited)
+    release(inherited)
     threading.Thread(
         target=_exit_when_orphaned, args=(conn.fileno(),), name="orphan-watch", daemon=True
     ).start()
@@ -195,7 +195,7 @@ def worker_main(
     contextvars.Context().run(_serve, conn, worker_init)
 
 
-def _release(fds: tuple[int, ...]) -> None:
+def release(fds: tuple[int, ...]) -> None:
     """Point ``fds`` at /dev/null: the pipes they held close, and a stale
     object that later closes one of these numbers closes nothing of ours."""
     if not fds:

@@ -15,18 +15,13 @@ How work flows::
     the worker's orphan watch: a thread that exits the process the moment its
     socket's other end closes (the web process is gone), whatever it is doing
 
-Each worker has its own socket pair and runs one task at a time, so the
-dispatcher always knows which task a worker is running: a worker that dies
-fails only that task, a task past its time limit or cancelled while running
-has its worker killed, and the pool starts replacements as work needs them.
-No thread ever blocks on a worker (the web process's ends of the sockets are
-non-blocking, see :mod:`._channel`). Workers live as long as the pool and exit
-when the web process dies. The whole behaviour is described in
-``docs/reliability.rst``.
-
-The backend object is only a front: the dispatcher thread holds the pool
-(:class:`_Pool`), never the :class:`ProcessBackend`, so a backend nobody
-references any more is collected and its finalizer winds the pool down.
+Each worker runs one task at a time, so the dispatcher knows which task each
+worker has: a worker that dies fails only that task, and a task past its time
+limit or cancelled while running has its worker killed. No thread blocks on a
+worker (the web process's socket ends are non-blocking, see :mod:`._channel`).
+The dispatcher holds the :class:`_Pool`, never the :class:`ProcessBackend`, so
+a backend nobody references is collected and its finalizer winds the pool
+down. The behaviour is described in ``docs/reliability.rst``.
 """
 
 from __future__ import annotations
@@ -43,18 +38,25 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures._base import CANCELLED
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from ..errors import TaskTimeoutError, TerminatedWorkerError
+from ..errors import TaskTimeoutError
 from ..futures import FutureProxy
 from ..serialize import type_name
 from ..tasks import log_record_restore
-from . import Backend, BackendOptions, PickledTask, settle
+from . import Backend, BackendOptions, PickledTask, cancel_and_notify, settle
 from ._channel import Channel, channel_pair
-from ._start import check_main_guard, death_message, default_start_method, how_it_ended
-from ._worker import rebuild_outcome, worker_main
+from ._start import (
+    check_main_guard,
+    death_error,
+    default_start_method,
+    how_it_ended,
+    init_error,
+    shutdown_error,
+    start_error,
+)
+from ._worker import rebuild_outcome, release, worker_main
 
 __all__ = ["START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend", "default_start_method"]
 
@@ -157,6 +159,24 @@ class _Pool:
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._workers: list[_Worker] = []
         self._retired: list[Any] = []
+        _pools.add(self)
+
+    def _forked(self) -> None:
+        """In a child forked from the web process (``os.fork()``, a server
+        that forks after the pool started): let go of the workers' sockets,
+        so that they still see the web process die and the child can never
+        write to them, and refuse new tasks (the child has no dispatcher)."""
+        self._lock = threading.RLock()  # another thread may have held it at fork time
+        release(tuple(fd for fd in (w.channel.fileno() for w in self._workers) if fd >= 0))
+        for worker in self._workers:
+            worker.channel.close()  # closes only the /dev/null copy now
+        self._workers, self._pending, self._retired = [], deque(), []
+        self._thread = None
+        self._close()
+        self._broken = (
+            "this process was forked from the one that started this process pool,"
+            " and a pool serves only the process that started it"
+        )
 
     # -- caller side -----------------------------------------------------------
 
@@ -176,7 +196,7 @@ class _Pool:
                 wake = True
             else:
                 self._give(worker, item)
-                wake = item.deadline is not None or worker.channel.sending
+                wake = item.deadline is not None or worker.channel.sending or worker.broken
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._dispatch, name="flask-executor-dispatcher", daemon=True
@@ -201,7 +221,7 @@ class _Pool:
             if thread is None:
                 self._close()
         for item in dropped:
-            _cancel(item.future)
+            cancel_and_notify(item.future)
         self._wake()
         if thread is not None and wait and thread is not threading.current_thread():
             thread.join()
@@ -326,7 +346,7 @@ class _Pool:
             wanted = min(len(self._pending) - starting, self._max_workers - len(self._workers))
             errors = [self._start_worker() for _ in range(wanted)]
         for item in dropped:
-            _cancel(item.future)
+            cancel_and_notify(item.future)
         for error in errors:
             if error is not None:
                 self._start_failed(error)
@@ -335,10 +355,11 @@ class _Pool:
         """Start a worker (lock held); the error if no process could be started."""
         channel, child_conn = channel_pair()
         # A fork child inherits the web process's end of every pool socket; it
-        # must release them, or no worker would see the web process die.
+        # must release them, or no worker would see the web process die. The
+        # at-fork hook releases the other workers' ends; this is its own.
         inherited: tuple[int, ...] = ()
         if self._context.get_start_method() == "fork":
-            inherited = (channel.fileno(), *(w.channel.fileno() for w in self._workers))
+            inherited = (channel.fileno(),)
         process = self._context.Process(
             target=worker_main,
             args=(
@@ -354,11 +375,7 @@ class _Pool:
             process.start()
         except Exception as exc:  # fork failed (EAGAIN, ENOMEM), exec failed
             channel.close()
-            error = TerminatedWorkerError(
-                f"a worker process could not be started: {type_name(exc)}: {exc}"
-            )
-            error.__cause__ = exc
-            return error
+            return start_error(None, f"could not be started ({type_name(exc)}: {exc})", exc)
         finally:
             child_conn.close()
         worker = _Worker(process, channel)
@@ -443,19 +460,18 @@ class _Pool:
         elif kind == "log":
             log_record_restore(message[2])
         elif kind == "init_failed":
-            _, cause = rebuild_outcome(message[1])
-            worker.failure = BrokenProcessPool(
-                f"the worker initializer (EXECUTOR_WORKER_INIT ="
-                f" {self.options.worker_init!r}) raised {type_name(cause)}: {cause};"
-                " its traceback is this error's cause"
-            )
-            worker.failure.__cause__ = cause
+            cause = rebuild_outcome(message[1])[1]
+            worker.failure = init_error(self.options.worker_init, cause)
             self._worker_lost(worker)  # it exits by itself
 
     def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
+        item = worker.item
+        if item is not None and item.task_id != task_id:
+            item = None
+        if item is not None:  # while the worker still has it: a bug here fails it too
+            ok, value = rebuild_outcome(outcome)
         limit = self.options.max_tasks_per_child
         with self._lock:
-            item = worker.item
             worker.tasks_done += 1
             retire = bool(limit and worker.tasks_done >= limit)
             if retire:  # out of the pool before anyone can claim it again
@@ -463,8 +479,7 @@ class _Pool:
             worker.item = None
         if retire:
             self._retire(worker)
-        if item is not None and item.task_id == task_id:
-            ok, value = rebuild_outcome(outcome)
+        if item is not None:
             if ok:
                 settle(item.future, result=value)
             else:
@@ -483,9 +498,9 @@ class _Pool:
         if worker not in self._workers:
             return
         self._forget(worker)  # first: nobody may claim it any more
-        try:  # a result sent just before dying still counts
+        try:  # a result (or why it could not start) sent just before dying still counts
             for data in worker.channel.receive():
-                if worker.item is None:
+                if worker.item is None and (worker.ready or worker.failure):
                     break
                 self._handle(worker, pickle.loads(data))
         except (EOFError, OSError, pickle.UnpicklingError):
@@ -498,15 +513,10 @@ class _Pool:
             worker.channel.close()
             item, worker.item = worker.item, None
         if item is not None:
-            settle(item.future, exception=TerminatedWorkerError(death_message(worker.process)))
+            settle(item.future, exception=death_error(worker.process))
         elif not worker.ready:
-            self._start_failed(
-                worker.failure
-                or TerminatedWorkerError(
-                    f"a worker process (pid {worker.process.pid})"
-                    f" {how_it_ended(worker.process)} while starting, before it took a task"
-                )
-            )
+            how = f"{how_it_ended(worker.process)} while starting"
+            self._start_failed(worker.failure or start_error(worker.process, how))
 
     def _start_failed(self, error: BaseException) -> None:
         """A worker could not start; after :data:`START_ATTEMPTS` in a row the
@@ -521,7 +531,7 @@ class _Pool:
                 self._pending.remove(item)
         for item in items:
             if not settle(item.future, exception=error):
-                _cancel(item.future)  # it was cancelled meanwhile: let wait() see it
+                cancel_and_notify(item.future)  # it was cancelled meanwhile: let wait() see it
 
     def _kill(self, worker: _Worker) -> None:
         self._forget(worker)
@@ -547,13 +557,11 @@ class _Pool:
                 self._kill(worker)
             elif not worker.ready and worker.start_deadline <= now:
                 self._kill(worker)
-                self._start_failed(
-                    TerminatedWorkerError(
-                        f"a worker process (pid {worker.process.pid}) did not start within"
-                        f" {WORKER_START_TIMEOUT:g} s (flask_executor.backends.process."
-                        "WORKER_START_TIMEOUT) and was killed"
-                    )
+                how = (
+                    f"did not start within {WORKER_START_TIMEOUT:g} s (flask_executor"
+                    ".backends.process.WORKER_START_TIMEOUT) and was killed"
                 )
+                self._start_failed(start_error(worker.process, how))
         if self._stop_at is not None and self._stop_at <= now:
             self._stop_now()
 
@@ -568,17 +576,9 @@ class _Pool:
             item = worker.item
             self._kill(worker)
             if item is not None:
-                settle(
-                    item.future,
-                    exception=TerminatedWorkerError(
-                        f"the pool was shut down while this task was running: it did not"
-                        f" finish within the shutdown timeout ({self._stop_timeout:g} s,"
-                        f" EXECUTOR_SHUTDOWN_TIMEOUT); its worker (pid"
-                        f" {worker.process.pid}) was killed"
-                    ),
-                )
+                settle(item.future, exception=shutdown_error(worker.process, self._stop_timeout))
         for item in dropped:
-            _cancel(item.future)
+            cancel_and_notify(item.future)
 
     def _handle_stop_requests(self) -> None:
         while self._stop_requests:
@@ -613,10 +613,12 @@ class _Pool:
         self._wake_writer.close()
 
 
-def _cancel(future: FutureProxy[Any]) -> None:
-    """Cancel a task that will not run, and mark it notified, so that
-    :func:`concurrent.futures.wait` counts it as done (as the stdlib's pools do)."""
-    future.cancel()
-    with future._condition:
-        if future._state == CANCELLED:
-            future.set_running_or_notify_cancel()
+_pools: weakref.WeakSet[_Pool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
