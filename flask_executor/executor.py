@@ -154,7 +154,9 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_SHUTDOWN_TIMEOUT`` (see
         :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
-        starts here: pools start on the first submit.
+        starts here: pools start on the first submit. If SIGTERM still has its
+        default action, it is made to exit the way ``sys.exit()`` does, so that
+        running tasks get ``EXECUTOR_SHUTDOWN_TIMEOUT`` (see :doc:`/lifecycle`).
 
         :raises ValueError: a value is invalid; the message names the key.
         """
@@ -229,6 +231,7 @@ class Executor(concurrent.futures.Executor):
                 self.futures.max_length = max_length
             self.futures.ttl = ttl
         app.extensions[self.name + "executor"] = self
+        backends.exit_on_sigterm()
 
     def _int(self, values: dict[str, Any], key: str) -> int | None:
         number = self._number(values, key, int, "a whole number")

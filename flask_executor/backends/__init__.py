@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing.process
 import os
+import signal
 import sys
 import threading
 import time
@@ -114,9 +115,44 @@ _exiting = False
 _abandoned: list[Backend] = []
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end the process like ``sys.exit()`` so that the exit hook
+    runs (tasks finish within ``EXECUTOR_SHUTDOWN_TIMEOUT``), instead of the
+    default action, which kills the process on the spot.
+
+    Only from the main thread, and only while SIGTERM has its default action:
+    servers that handle it (gunicorn, uWSGI) keep their own handler. Waitress,
+    ``flask run`` and plain scripts have none and die mid-task without this.
+    """
+    global _sigterm_pid
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    _sigterm_pid = os.getpid()
+    signal.signal(signal.SIGTERM, _sigterm_exit)
+
+
+#: The process that installed :func:`_sigterm_exit`.
+_sigterm_pid = 0
+
+
+def _sigterm_exit(signum: int, frame: object) -> None:
+    if os.getpid() != _sigterm_pid:  # a forked child: the default action
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise SystemExit(128 + signum)
+
+
 def _after_fork_in_child() -> None:
     """Abandon the parent's backends in a forked child (see
     :meth:`Backend._abandon`)."""
+    if signal.getsignal(signal.SIGTERM) is _sigterm_exit:
+        try:  # a worker process must die of SIGTERM as it would have before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:  # not the main thread: _sigterm_exit checks the pid
+            pass
     for backend in list(_live):
         backend._abandon()
         _abandoned.append(backend)
