@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,8 +72,11 @@ if os.environ.get("SUBMIT_AT_IMPORT"):
     # With --preload this runs in the master, before gunicorn forks its workers.
     with app.app_context():
         g.user = "boot"
+        # Start both pool workers (threads or processes) and let them go idle...
+        boot = [executor.submit(sleep_then, 0.3, f"boot{i}") for i in range(2)]
+        assert [f.result(timeout=30) for f in boot] == ["boot0", "boot1"]
         assert executor.submit(echo, "boot").result(timeout=30)["user"] == "boot"
-        executor.submit(time.sleep, 0.5)  # still running at the fork
+        executor.submit(time.sleep, 0.5)  # ...and leave one task running at the fork
 
 
 @app.get("/echo/<name>")
@@ -198,7 +200,8 @@ class WaitressServer(_Server):
         super().__init__()
         binary = shutil.which("waitress-serve", path=os.path.dirname(sys.executable))
         assert binary is not None
-        full_env = {**os.environ, **env, "PYTHONPATH": str(cwd), "PYTHONUNBUFFERED": "1"}
+        path = os.pathsep.join(p for p in (str(cwd), os.environ.get("PYTHONPATH", "")) if p)
+        full_env = {**os.environ, **env, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         argv = [binary, "--listen", f"{self.host}:{self.port}", "--threads", "4", app]
         self._spawn(argv, cwd, full_env, cwd / f"waitress-{self.port}.log")
         self.wait_ready()
