@@ -235,7 +235,8 @@ def test_shutdown_past_the_timeout_fails_the_running_task(
     with dask_app.app_context():
         quick = executor.submit(sleep_and_return, 0, 1)
         assert quick.result(timeout=TIMEOUT) == 1
-        slow = executor.submit(sleep_and_return, 30, 2)
+        # Short enough not to hold a worker of the shared cluster long after the test.
+        slow = executor.submit(sleep_and_return, 4, 2)
         wait_until(slow.running)
     executor.shutdown(wait=True)
     with pytest.raises(ShutdownTimeoutError, match="EXECUTOR_SHUTDOWN_TIMEOUT"):
