@@ -266,7 +266,7 @@ def init_fails() -> None:
 def test_worker_init_runs_once_per_dask_worker_in_the_app_context(
     dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
 ) -> None:
-    # Needs EXECUTOR_WORKER_INIT read into BackendOptions (the pool branch adds the key).
+    # NEEDS THE POOL BRANCH, which reads EXECUTOR_WORKER_INIT into BackendOptions.worker_init.
     executor = dask_executor(
         dask_app, shutdown_after, dask_scheduler_address,
         EXECUTOR_WORKER_INIT="test_dask:init_worker",
@@ -284,6 +284,7 @@ def test_failing_worker_init_fails_tasks_naming_it_with_its_traceback(
 ) -> None:
     import concurrent.futures
 
+    # NEEDS THE POOL BRANCH, as above.
     executor = dask_executor(
         dask_app, shutdown_after, dask_scheduler_address,
         EXECUTOR_WORKER_INIT="test_dask:init_fails",

@@ -134,6 +134,8 @@ def test_sigterm_lets_a_running_task_finish_and_fails_one_past_the_timeout(
     tmp_path: Path, kind: str
 ) -> None:
     # gunicorn's --graceful-timeout is 10 s here (tests/servers.py): 4 s fits inside it.
+    # [process] needs the pool branch's ProcessBackend.shutdown(timeout=...), failing the
+    # running task with ShutdownTimeoutError as the other backends do.
     env = {**write_app(tmp_path), "KIND": kind, "SHUTDOWN_TIMEOUT": "4"}
     with GunicornServer("lifeapp:app", cwd=tmp_path, workers=1, env=env) as server:
         assert server.get("/start/short/2.0").text == "started"
@@ -153,8 +155,8 @@ def test_sigterm_lets_a_running_task_finish_and_fails_one_past_the_timeout(
 
 
 def test_worker_killed_by_gunicorn_timeout_leaves_no_task_process(tmp_path: Path) -> None:
-    # Needs the pool branch's pipe watching (issue 11 item 3) to pass: the task
-    # processes must notice their web process's death within 2 s.
+    # NEEDS THE POOL BRANCH (issue 11 item 3, pipe watching in process.py): fails on
+    # the lifecycle branch alone, passes once both are merged.
     app = APP + '''
 
 @app.get("/block/<name>/<float:seconds>")
@@ -199,7 +201,7 @@ class WaitressServer(_Server):
     def __init__(self, app: str, *, cwd: Path, env: dict[str, str]) -> None:
         super().__init__()
         binary = shutil.which("waitress-serve", path=os.path.dirname(sys.executable))
-        assert binary is not None
+        assert binary is not None, "waitress is in the test extra: pip install -e '.[test]'"
         path = os.pathsep.join(p for p in (str(cwd), os.environ.get("PYTHONPATH", "")) if p)
         full_env = {**os.environ, **env, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         argv = [binary, "--listen", f"{self.host}:{self.port}", "--threads", "4", app]
@@ -228,7 +230,7 @@ class WaitressServer(_Server):
 
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_waitress_sigterm_drains_tasks_instead_of_dying(tmp_path: Path, kind: str) -> None:
-    pytest.importorskip("waitress")
+    # [process] needs the pool branch, as for gunicorn above.
     env = {**write_app(tmp_path), "KIND": kind, "SHUTDOWN_TIMEOUT": "4"}
     with WaitressServer("lifeapp:app", cwd=tmp_path, env=env) as server:
         assert server.get("/start/short/2.0") == "started"
