@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import importlib.util
-import os
 import re
 import sys
 import threading
@@ -46,9 +45,7 @@ T = TypeVar("T")
 EXECUTOR_TYPES = ("thread", "process", "dask")
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_MAX_BODY = 1024 * 1024
-#: Seconds ``shutdown()`` and interpreter exit wait for tasks: 5 s less than
-#: gunicorn's default ``--graceful-timeout`` (30 s), so that what is still
-#: unfinished is failed before gunicorn's SIGKILL.
+#: Inside gunicorn's default --graceful-timeout (30 s), with time to fail the rest.
 DEFAULT_SHUTDOWN_TIMEOUT = 25.0
 
 
@@ -133,7 +130,7 @@ class Executor(concurrent.futures.Executor):
         self._states: weakref.WeakKeyDictionary[Flask, _AppState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._shutdown = False
-        _executors.add(self)
+        backends.on_fork_in_child(self)
         if app is not None:
             self.init_app(app)
 
@@ -154,9 +151,8 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_SHUTDOWN_TIMEOUT`` (see
         :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
-        starts here: pools start on the first submit. If SIGTERM still has its
-        default action, it is made to exit the way ``sys.exit()`` does, so that
-        running tasks get ``EXECUTOR_SHUTDOWN_TIMEOUT`` (see :doc:`/lifecycle`).
+        starts here: pools start on the first submit. SIGTERM with its default
+        action is made to exit as ``sys.exit()`` does (see :doc:`/lifecycle`).
 
         :raises ValueError: a value is invalid; the message names the key.
         """
@@ -497,14 +493,9 @@ class Executor(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks and release the workers, like
         :meth:`concurrent.futures.Executor.shutdown`. Pending tasks still run
-        unless ``cancel_futures``. Interpreter exit does the same for pools
-        that were not shut down.
-
-        With ``wait``, it waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT`` seconds
-        (all apps of this executor together); then process workers are
-        stopped, tasks that have not started are cancelled and running ones
-        fail with :exc:`~flask_executor.ShutdownTimeoutError`: no future is
-        left pending.
+        unless ``cancel_futures``; interpreter exit does the same. With
+        ``wait``, waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT`` seconds, then
+        cancels or fails what is unfinished (see :doc:`/lifecycle`).
 
         .. versionchanged:: 2.0
             Waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT``.
@@ -528,24 +519,6 @@ class Executor(concurrent.futures.Executor):
         for state in list(self._states.values()):
             state.lock = threading.Lock()
             state.backend = None
-
-
-#: Every executor not yet collected, for the fork hook below.
-_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """After ``os.fork()`` (``gunicorn --preload``, a ``fork`` start-method
-    worker, a library that forks), in the child: every executor gets fresh,
-    empty pools of its own on its next submit. The parent's workers, pipes and
-    Dask client are abandoned untouched; its pending futures stay its own."""
-    backends._after_fork_in_child()
-    for executor in list(_executors):
-        executor._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _thread_task(

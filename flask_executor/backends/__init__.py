@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import ShutdownTimeoutError
 from ..futures import FutureProxy
@@ -145,9 +145,27 @@ def _sigterm_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+class _ForkListener(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+
+#: Owners of backends (executors), told in a forked child that the backends
+#: they hold are the parent's; weak, so that dropped executors are collected.
+_fork_listeners: weakref.WeakSet[_ForkListener] = weakref.WeakSet()
+
+
+def on_fork_in_child(listener: _ForkListener) -> None:
+    """Call ``listener._after_fork_in_child()`` in every child forked from
+    this process, after the backends there were abandoned."""
+    _fork_listeners.add(listener)
+
+
 def _after_fork_in_child() -> None:
-    """Abandon the parent's backends in a forked child (see
-    :meth:`Backend._abandon`)."""
+    """After ``os.fork()`` (``gunicorn --preload``, a ``fork`` start-method
+    worker, a library that forks), in the child: abandon the parent's backends
+    (see :meth:`Backend._abandon`) and let their owners start fresh ones; the
+    parent's workers, pipes and Dask client are left untouched, its pending
+    futures stay its own."""
     if signal.getsignal(signal.SIGTERM) is _sigterm_exit:
         try:  # a worker process must die of SIGTERM as it would have before
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -164,6 +182,12 @@ def _after_fork_in_child() -> None:
     if isinstance(children, set):
         children.clear()
     _forget_forkserver()
+    for listener in list(_fork_listeners):
+        listener._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _forget_forkserver() -> None:
