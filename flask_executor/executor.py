@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import importlib.util
-import os
 import re
 import sys
 import threading
@@ -48,9 +47,7 @@ T = TypeVar("T")
 EXECUTOR_TYPES = ("thread", "process", "dask", "immediate")
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_MAX_BODY = 1024 * 1024
-#: Seconds ``shutdown()`` and interpreter exit wait for tasks: 5 s less than
-#: gunicorn's default ``--graceful-timeout`` (30 s), so that what is still
-#: unfinished is failed before gunicorn's SIGKILL.
+#: Inside gunicorn's default --graceful-timeout (30 s), with time to fail the rest.
 DEFAULT_SHUTDOWN_TIMEOUT = 25.0
 
 
@@ -135,7 +132,7 @@ class Executor(concurrent.futures.Executor):
         self._states: weakref.WeakKeyDictionary[Flask, _AppState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._shutdown = False
-        _executors.add(self)
+        backends.on_fork_in_child(self)
         if app is not None:
             self.init_app(app)
 
@@ -159,7 +156,8 @@ class Executor(concurrent.futures.Executor):
         ``EXECUTOR_IMMEDIATE_PICKLE`` (see
         :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
-        starts here: pools start on the first submit.
+        starts here: pools start on the first submit. SIGTERM with its default
+        action is made to exit as ``sys.exit()`` does (see :doc:`/lifecycle`).
 
         :raises ValueError: a value is invalid; the message names the key.
         :raises RuntimeError: the backend cannot work in this process (Dask, or
@@ -249,6 +247,7 @@ class Executor(concurrent.futures.Executor):
                 self.futures.max_length = max_length
             self.futures.ttl = ttl
         app.extensions[self.name + "executor"] = self
+        backends.exit_on_sigterm()
 
     def _open_store(self, app: Flask, url: str | BaseStore, namespace: str | None) -> None:
         """Put :attr:`futures` on the store ``EXECUTOR_STORE`` names; its records
@@ -549,14 +548,9 @@ class Executor(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks and release the workers, like
         :meth:`concurrent.futures.Executor.shutdown`. Pending tasks still run
-        unless ``cancel_futures``. Interpreter exit does the same for pools
-        that were not shut down.
-
-        With ``wait``, it waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT`` seconds
-        (all apps of this executor together); then process workers are
-        stopped, tasks that have not started are cancelled and running ones
-        fail with :exc:`~flask_executor.ShutdownTimeoutError`: no future is
-        left pending.
+        unless ``cancel_futures``; interpreter exit does the same. With
+        ``wait``, waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT`` seconds, then
+        cancels or fails what is unfinished (see :doc:`/lifecycle`).
 
         .. versionchanged:: 2.0
             Waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT``.
@@ -580,24 +574,6 @@ class Executor(concurrent.futures.Executor):
         for state in list(self._states.values()):
             state.lock = threading.Lock()
             state.backend = None
-
-
-#: Every executor not yet collected, for the fork hook below.
-_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """After ``os.fork()`` (``gunicorn --preload``, a ``fork`` start-method
-    worker, a library that forks), in the child: every executor gets fresh,
-    empty pools of its own on its next submit. The parent's workers, pipes and
-    Dask client are abandoned untouched; its pending futures stay its own."""
-    backends._after_fork_in_child()
-    for executor in list(_executors):
-        executor._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _thread_task(

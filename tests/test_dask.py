@@ -235,7 +235,8 @@ def test_shutdown_past_the_timeout_fails_the_running_task(
     with dask_app.app_context():
         quick = executor.submit(sleep_and_return, 0, 1)
         assert quick.result(timeout=TIMEOUT) == 1
-        slow = executor.submit(sleep_and_return, 30, 2)
+        # Short enough not to hold a worker of the shared cluster long after the test.
+        slow = executor.submit(sleep_and_return, 4, 2)
         wait_until(slow.running)
     executor.shutdown(wait=True)
     with pytest.raises(ShutdownTimeoutError, match="EXECUTOR_SHUTDOWN_TIMEOUT"):
@@ -265,7 +266,7 @@ def init_fails() -> None:
 def test_worker_init_runs_once_per_dask_worker_in_the_app_context(
     dask_app: Flask, shutdown_after: Register, dask_scheduler_address: str
 ) -> None:
-    # Needs EXECUTOR_WORKER_INIT read into BackendOptions (the pool branch adds the key).
+    # NEEDS THE POOL BRANCH, which reads EXECUTOR_WORKER_INIT into BackendOptions.worker_init.
     executor = dask_executor(
         dask_app, shutdown_after, dask_scheduler_address,
         EXECUTOR_WORKER_INIT="test_dask:init_worker",
@@ -283,6 +284,7 @@ def test_failing_worker_init_fails_tasks_naming_it_with_its_traceback(
 ) -> None:
     import concurrent.futures
 
+    # NEEDS THE POOL BRANCH, as above.
     executor = dask_executor(
         dask_app, shutdown_after, dask_scheduler_address,
         EXECUTOR_WORKER_INIT="test_dask:init_fails",

@@ -370,3 +370,25 @@ def test_fork_worker_submits_to_the_executor_it_inherited(tmp_path: Path) -> Non
         """, timeout=120, env={"KIND": "process", "START_METHOD": "fork"})
     assert result.stdout.splitlines() == ["[0, 1, 4, 9]"], result.stdout + result.stderr
     assert result.returncode == 0, result.stderr
+
+
+# -- item 14 (thread backend): futures cancelled by shutdown count as done ---------------
+
+
+def test_thread_shutdown_cancel_futures_marks_cancelled_futures_done_for_wait(
+    app: Flask, make_thread_executor: MakeExecutor
+) -> None:
+    executor = make_thread_executor(app, EXECUTOR_MAX_WORKERS=1)
+    release = threading.Event()
+    with app.app_context():
+        running = executor.submit(release.wait, 30)
+        queued = [executor.submit(pow, 2, n) for n in range(50)]
+    try:
+        executor.shutdown(wait=False, cancel_futures=True)
+        done, not_done = concurrent.futures.wait(queued, timeout=5)
+        assert not not_done, f"{len(not_done)} cancelled futures never counted as done"
+        assert all(f.cancelled() for f in queued)
+        assert len(list(concurrent.futures.as_completed(queued, timeout=5))) == 50
+    finally:
+        release.set()
+    assert running.result(timeout=30) is True

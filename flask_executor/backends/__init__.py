@@ -11,6 +11,7 @@ import atexit
 import logging
 import multiprocessing.process
 import os
+import signal
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import ShutdownTimeoutError
 from ..futures import FutureProxy
@@ -120,9 +121,62 @@ _exiting = False
 _abandoned: list[Backend] = []
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end the process like ``sys.exit()`` so that the exit hook
+    runs (tasks finish within ``EXECUTOR_SHUTDOWN_TIMEOUT``), instead of the
+    default action, which kills the process on the spot.
+
+    Only from the main thread, and only while SIGTERM has its default action:
+    servers that handle it (gunicorn, uWSGI) keep their own handler. Waitress,
+    ``flask run`` and plain scripts have none and die mid-task without this.
+    """
+    global _sigterm_pid
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    _sigterm_pid = os.getpid()
+    signal.signal(signal.SIGTERM, _sigterm_exit)
+
+
+#: The process that installed :func:`_sigterm_exit`.
+_sigterm_pid = 0
+
+
+def _sigterm_exit(signum: int, frame: object) -> None:
+    if os.getpid() != _sigterm_pid:  # a forked child: the default action
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise SystemExit(128 + signum)
+
+
+class _ForkListener(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+
+#: Owners of backends (executors), told in a forked child that the backends
+#: they hold are the parent's; weak, so that dropped executors are collected.
+_fork_listeners: weakref.WeakSet[_ForkListener] = weakref.WeakSet()
+
+
+def on_fork_in_child(listener: _ForkListener) -> None:
+    """Call ``listener._after_fork_in_child()`` in every child forked from
+    this process, after the backends there were abandoned."""
+    _fork_listeners.add(listener)
+
+
 def _after_fork_in_child() -> None:
-    """Abandon the parent's backends in a forked child (see
-    :meth:`Backend._abandon`)."""
+    """After ``os.fork()`` (``gunicorn --preload``, a ``fork`` start-method
+    worker, a library that forks), in the child: abandon the parent's backends
+    (see :meth:`Backend._abandon`) and let their owners start fresh ones; the
+    parent's workers, pipes and Dask client are left untouched, its pending
+    futures stay its own."""
+    if signal.getsignal(signal.SIGTERM) is _sigterm_exit:
+        try:  # a worker process must die of SIGTERM as it would have before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:  # not the main thread: _sigterm_exit checks the pid
+            pass
     for backend in list(_live):
         backend._abandon()
         _abandoned.append(backend)
@@ -134,6 +188,12 @@ def _after_fork_in_child() -> None:
     if isinstance(children, set):
         children.clear()
     _forget_forkserver()
+    for listener in list(_fork_listeners):
+        listener._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _forget_forkserver() -> None:

@@ -12,7 +12,7 @@ from concurrent.futures.process import BrokenProcessPool
 from types import FrameType
 from typing import Any
 
-from ..errors import TerminatedWorkerError
+from ..errors import ShutdownTimeoutError, TerminatedWorkerError
 from ..serialize import type_name
 
 __all__ = [
@@ -142,9 +142,10 @@ def init_error(name: str | None, cause: BaseException) -> BaseException:
     return error
 
 
-def shutdown_error(process: Any, timeout: float) -> TerminatedWorkerError:
-    """A task still running when the shutdown timeout ran out."""
-    return TerminatedWorkerError(
+def shutdown_error(process: Any, timeout: float) -> ShutdownTimeoutError:
+    """A task still running when the shutdown timeout ran out (the same error
+    the thread and Dask backends give, see ``stop_unfinished``)."""
+    return ShutdownTimeoutError(
         "the pool was shut down while this task was running: it did not finish within the"
         f" shutdown timeout ({timeout:g} s, EXECUTOR_SHUTDOWN_TIMEOUT); its worker (pid"
         f" {process.pid}) was killed"
