@@ -224,6 +224,9 @@ class Executor(concurrent.futures.Executor):
                 self.futures.max_length = max_length
             self.futures.ttl = ttl
         app.extensions[self.name + "executor"] = self
+        from .cli import executor_cli
+
+        app.cli.add_command(executor_cli(self))
 
     def _open_store(self, app: Flask, url: str | BaseStore, namespace: str | None) -> None:
         """Put :attr:`futures` on the store ``EXECUTOR_STORE`` names; its records

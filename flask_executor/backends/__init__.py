@@ -81,6 +81,24 @@ class Backend(ABC):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; see :meth:`concurrent.futures.Executor.shutdown`."""
 
+    def stats(self) -> dict[str, Any]:
+        """A read-only, JSON-ready view of the pool for dashboards: ``backend``,
+        ``configured_workers``, ``workers`` (one dict per live worker: ``name``,
+        ``pid``, ``busy``, ``tasks_run``, ``memory`` in bytes; ``None`` where
+        the backend cannot tell), ``busy`` (how many run a task) and ``queue``
+        (tasks waiting for a worker). Backends override it; this default
+        knows only the configuration.
+
+        .. versionadded:: 2.0
+        """
+        return {
+            "backend": type(self).__name__.removesuffix("Backend").lower(),
+            "configured_workers": self.options.max_workers,
+            "workers": [],
+            "busy": None,
+            "queue": None,
+        }
+
 
 _live: weakref.WeakSet[Backend] = weakref.WeakSet()
 
