@@ -37,6 +37,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
+from flask.typing import ResponseReturnValue
 
 from .model import STATES, find_record, pool_stats, task_row
 
@@ -161,7 +162,7 @@ def dashboard_blueprint(
         return response
 
     @blueprint.post("/cancel")
-    def cancel() -> Response | tuple[Response, int]:
+    def cancel() -> ResponseReturnValue:
         _check_same_origin()
         key = request.form.get("key", "")
         record = find_record(futures, key)
@@ -175,7 +176,7 @@ def dashboard_blueprint(
                        " cannot be stopped)", name)
 
     @blueprint.post("/purge")
-    def purge() -> Response | tuple[Response, int]:
+    def purge() -> ResponseReturnValue:
         _check_same_origin()
         removed = futures.purge()
         return _answer(200, f"removed {removed} finished task(s)", name)
@@ -262,7 +263,7 @@ def _check_same_origin() -> None:
         abort(403, "the form's token does not match: reload the dashboard and try again")
 
 
-def _answer(status: int, message: str, name: str) -> Response | tuple[Response, int]:
+def _answer(status: int, message: str, name: str) -> ResponseReturnValue:
     """JSON for the page's script; a redirect back for a plain form post."""
     if request.accept_mimetypes.best == "application/json":
         return jsonify(ok=status == 200, message=message), status
