@@ -248,6 +248,9 @@ class Executor(concurrent.futures.Executor):
             self.futures.ttl = ttl
         app.extensions[self.name + "executor"] = self
         backends.exit_on_sigterm()
+        from .cli import executor_cli
+
+        app.cli.add_command(executor_cli(self))
 
     def _open_store(self, app: Flask, url: str | BaseStore, namespace: str | None) -> None:
         """Put :attr:`futures` on the store ``EXECUTOR_STORE`` names; its records
@@ -538,6 +541,32 @@ class Executor(concurrent.futures.Executor):
         """
         return status_blueprint(
             self.futures, name or f"{self.name or 'executor'}_status", authorize, list_keys
+        )
+
+    def dashboard_blueprint(
+        self,
+        authorize: Callable[[], object] | None = None,
+        *,
+        name: str | None = None,
+        stream_seconds: float = 25.0,
+    ) -> Blueprint:
+        """A blueprint serving the task dashboard of :attr:`futures` (see
+        :doc:`/dashboard`): register it with a ``url_prefix``.
+
+        :param authorize: required; called with no arguments inside every
+            request to the blueprint, a false answer is a 403.
+            ``authorize=lambda: True`` opens it to everyone.
+        :param stream_seconds: how long one server-sent events response lasts
+            before the browser reconnects.
+        :raises TypeError: ``authorize`` is missing.
+
+        .. versionadded:: 2.0
+        """
+        from .dashboard import dashboard_blueprint
+
+        blueprint_name = name or f"{self.name or 'executor'}_dashboard"
+        return dashboard_blueprint(
+            self, authorize, blueprint_name, stream_seconds=stream_seconds
         )
 
     def add_default_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:

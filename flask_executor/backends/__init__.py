@@ -111,6 +111,24 @@ class Backend(ABC):
         sure nothing of it runs here (no finalizer, no exit hook); never stop,
         join or message its workers."""
 
+    def stats(self) -> dict[str, Any]:
+        """A read-only, JSON-ready view of the pool for dashboards: ``backend``,
+        ``configured_workers``, ``workers`` (one dict per live worker: ``name``,
+        ``pid``, ``busy``, ``tasks_run``, ``memory`` in bytes; ``None`` where
+        the backend cannot tell), ``busy`` (how many run a task) and ``queue``
+        (tasks waiting for a worker). Backends override it; this default
+        knows only the configuration.
+
+        .. versionadded:: 2.0
+        """
+        return {
+            "backend": type(self).__name__.removesuffix("Backend").lower(),
+            "configured_workers": self.options.max_workers,
+            "workers": [],
+            "busy": None,
+            "queue": None,
+        }
+
 
 #: Every backend not yet collected; weak, so that a dropped executor's pool winds down.
 _live: weakref.WeakSet[Backend] = weakref.WeakSet()

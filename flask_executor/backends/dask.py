@@ -454,3 +454,30 @@ class DaskBackend(Backend):
             self._client.status = "closed"
         if self._cluster is not None:
             self._cluster.shutdown_on_close = False
+
+    def stats(self) -> dict[str, Any]:
+        """See :meth:`Backend.stats`, from the client's cached scheduler info
+        (no round trip); empty before the first submit."""
+        client = self._client
+        info = client.scheduler_info() if client is not None else {}
+        rows = []
+        for address, worker in info.get("workers", {}).items():
+            metrics = worker.get("metrics", {})
+            executing = metrics.get("executing")
+            rows.append(
+                {
+                    "name": str(worker.get("name", address)),
+                    "pid": worker.get("pid"),
+                    "busy": None if executing is None else executing > 0,
+                    "tasks_run": None,
+                    "memory": metrics.get("memory"),
+                }
+            )
+        running = list(self._running.values())
+        return {
+            "backend": "dask",
+            "configured_workers": self.options.max_workers,
+            "workers": rows,
+            "busy": sum(1 for future in running if future.running()),
+            "queue": sum(1 for future in running if not future.running()),
+        }

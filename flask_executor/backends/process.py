@@ -612,6 +612,31 @@ class _Pool:
         self._wake_reader.close()
         self._wake_writer.close()
 
+    def stats(self) -> dict[str, Any]:
+        """See :meth:`Backend.stats`; ``memory`` is each worker's resident set
+        size, read from ``/proc`` (``None`` where there is none)."""
+        with self._lock:
+            workers = [(w.process.pid, w.item is not None, w.tasks_done) for w in self._workers]
+            queued = len(self._pending)
+        rows = []
+        for pid, busy, done in workers:
+            try:
+                with open(f"/proc/{pid}/statm") as statm:
+                    memory: int | None = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError, AttributeError):
+                memory = None
+            rows.append(
+                {"name": f"process {pid}", "pid": pid, "busy": busy, "tasks_run": done,
+                 "memory": memory}
+            )
+        return {
+            "backend": "process",
+            "configured_workers": self._max_workers,
+            "workers": rows,
+            "busy": sum(1 for _, busy, _ in workers if busy),
+            "queue": queued,
+        }
+
 
 _pools: weakref.WeakSet[_Pool] = weakref.WeakSet()
 

@@ -116,6 +116,26 @@ class ThreadBackend(Backend):
                 cancel_and_notify(item[0])
 
 
+    def stats(self) -> dict[str, Any]:
+        """See :meth:`Backend.stats`; a thread's ``pid`` is the process's, and
+        which thread is busy is not tracked, only how many are."""
+        with self._lock:
+            threads = [thread for thread in self._threads if thread.is_alive()]
+        idle = getattr(self._idle, "_value", 0)  # threads waiting for work
+        queued = self._queue.qsize() - (1 if self._shutdown else 0)
+        pid = os.getpid()
+        return {
+            "backend": "thread",
+            "configured_workers": self._max_workers,
+            "workers": [
+                {"name": t.name, "pid": pid, "busy": None, "tasks_run": None, "memory": None}
+                for t in threads
+            ],
+            "busy": max(0, len(threads) - idle),
+            "queue": max(0, queued),
+        }
+
+
 def _wake_all(work_queue: queue.SimpleQueue[_Item | None], deadlines: _Deadlines) -> None:
     work_queue.put(None)
     deadlines.stop()
