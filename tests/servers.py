@@ -163,6 +163,10 @@ class _Server:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # SIGKILL is not instant: wait (bounded) until the killed ones are gone too.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while left and session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         if not self._log.closed:
             self._log.close()
         if check and left:

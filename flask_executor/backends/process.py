@@ -127,10 +127,13 @@ class ProcessBackend(Backend):
 
         :param timeout: seconds the running tasks get to finish; then their
             workers are killed and their futures fail with
-            :exc:`~flask_executor.TerminatedWorkerError`, and tasks that did
+            :exc:`~flask_executor.ShutdownTimeoutError`, and tasks that did
             not start are cancelled. ``None``: wait for all of them.
         """
         self._pool.shutdown(wait, cancel_futures=cancel_futures, timeout=timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return self._pool.stats()
 
 
 class _Pool:
