@@ -157,7 +157,7 @@ class Executor(concurrent.futures.Executor):
         :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
         starts here: pools start on the first submit. SIGTERM with its default
-        action is made to exit as ``sys.exit()`` does (see :doc:`/lifecycle`).
+        action is made to exit as ``sys.exit()`` does (see :ref:`lifecycle`).
 
         :raises ValueError: a value is invalid; the message names the key.
         :raises RuntimeError: the backend cannot work in this process (Dask, or
@@ -579,7 +579,7 @@ class Executor(concurrent.futures.Executor):
         :meth:`concurrent.futures.Executor.shutdown`. Pending tasks still run
         unless ``cancel_futures``; interpreter exit does the same. With
         ``wait``, waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT`` seconds, then
-        cancels or fails what is unfinished (see :doc:`/lifecycle`).
+        cancels or fails what is unfinished (see :ref:`lifecycle`).
 
         .. versionchanged:: 2.0
             Waits at most ``EXECUTOR_SHUTDOWN_TIMEOUT``.
