@@ -77,6 +77,21 @@ def test_idle_worker_lives_on(
     assert executor.submit(getpid).result(timeout=WAIT) == first
 
 
+def test_task_sent_to_a_worker_that_dies_before_reading_it_is_delivered_again(
+    app: Flask, make_process_executor: MakeProcessExecutor, start_method: str
+) -> None:
+    executor = make_process_executor(app, start_method, EXECUTOR_MAX_WORKERS=1)
+    doomed = executor.submit(getpid).result(timeout=WAIT)
+    os.kill(doomed, signal.SIGSTOP)  # idle and up: the next task goes into its socket
+    try:
+        future = executor.submit(getpid)
+        time.sleep(0.2)
+    finally:
+        os.kill(doomed, signal.SIGKILL)  # it dies without having read the task
+    other = future.result(timeout=WAIT)  # the task never ran: a new worker runs it
+    assert other != doomed
+
+
 # -- 3. the web process dies -------------------------------------------------------------
 
 PARENT_DIES = """

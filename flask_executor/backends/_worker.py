@@ -263,6 +263,7 @@ def _serve(conn: Connection, worker_init: str | None) -> None:
                 send(("ready",))
             continue
         _, task_id, payload, app_version, push_context, chunked = message
+        send(("took", task_id))  # from here on, a death of this worker is the task's
 
         def publish(kind: str, data: Any, task_id: int = task_id) -> None:
             send((kind, task_id, data))

@@ -73,7 +73,7 @@ _STOP_GRACE = 5.0
 
 
 class _WorkItem:
-    __slots__ = ("future", "task", "task_id", "started", "deadline")
+    __slots__ = ("future", "task", "task_id", "started", "deadline", "taken", "deliveries")
 
     def __init__(self, future: FutureProxy[Any], task: PickledTask, task_id: int) -> None:
         self.future = future
@@ -82,6 +82,9 @@ class _WorkItem:
         #: The future was marked running (a redelivered task keeps that).
         self.started = False
         self.deadline: float | None = None
+        #: The worker it was given to said it took it (and had not died before).
+        self.taken = False
+        self.deliveries = 0
 
 
 class _Worker:
@@ -261,6 +264,8 @@ class _Pool:
                 return False
             item.started = True
         worker.item = item
+        item.taken = False
+        item.deliveries += 1
         task = item.task
         try:
             if task.push_context and worker.app_version != task.app_version:
@@ -455,6 +460,9 @@ class _Pool:
         if kind == "ready":
             worker.ready = True
             self._failed_starts = 0
+        elif kind == "took":
+            if worker.item is not None and worker.item.task_id == message[1]:
+                worker.item.taken = True
         elif kind == "done":
             self._complete(worker, message[1], message[2])
         elif kind == "meta":
@@ -515,6 +523,10 @@ class _Pool:
         with self._lock:
             worker.channel.close()
             item, worker.item = worker.item, None
+            if item is not None and not item.taken and item.deliveries < START_ATTEMPTS:
+                # It died before it read the task: the task never ran, deliver it again.
+                self._pending.appendleft(item)
+                item = None
         if item is not None:
             settle(item.future, exception=death_error(worker.process))
         elif not worker.ready:
