@@ -168,8 +168,14 @@ OTHER_PROCESS = """
     with app.app_context():
         executor.submit_stored("other-done", lambda: 42).result(10)
         executor.submit_stored("other-running", wait_for_gate)
-    deadline = time.monotonic() + 10
-    while executor.futures.meta("other-running") != {"progress": 0.25}:
+    # Ready once the store (what other processes read) has both tasks' state; this
+    # process's own futures can run a moment ahead of their records.
+    store = executor.futures.store
+    deadline = time.monotonic() + 30
+    while not (
+        getattr(store.get("other-running"), "meta", None) == {"progress": 0.25}
+        and getattr(store.get("other-done"), "state", None) == "finished"
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     print("ready", os.getpid(), flush=True)
