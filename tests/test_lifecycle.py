@@ -275,7 +275,11 @@ app = Flask("forkapp")
 app.config["EXECUTOR_TYPE"] = os.environ["KIND"]
 app.config["EXECUTOR_START_METHOD"] = os.environ.get("START_METHOD") or None
 app.config["EXECUTOR_MAX_WORKERS"] = 2
+app.config["EXECUTOR_DASK_ADDRESS"] = os.environ.get("DASK_ADDRESS")
 executor = Executor(app)
+if os.environ["KIND"] == "dask":  # the test's cluster cannot import this module
+    import cloudpickle, sys
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 inner = Executor(app, name="inner")  # a thread pool, for tasks that submit themselves
 
@@ -339,13 +343,23 @@ if __name__ == "__main__":
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "start_method"),
-    [("thread", ""), ("process", "forkserver"), ("process", "spawn"), ("process", "fork")],
+    [
+        ("thread", ""),
+        ("process", "forkserver"),
+        ("process", "spawn"),
+        ("process", "fork"),
+        # A cluster at an address: distributed cannot start a LocalCluster in a forked
+        # child, but the child's own client connects as the parent's did.
+        ("dask", ""),
+    ],
 )
 def test_fork_after_submits_gives_the_child_its_own_pool(
-    tmp_path: Path, kind: str, start_method: str
+    tmp_path: Path, kind: str, start_method: str, request: pytest.FixtureRequest
 ) -> None:
     (tmp_path / "forkapp.py").write_text(FORK_APP)
     env = {"KIND": kind, "START_METHOD": start_method}
+    if kind == "dask":
+        env["DASK_ADDRESS"] = request.getfixturevalue("dask_scheduler_address")
     result = run_script(tmp_path, FORK_SCRIPT, timeout=120, env=env)
     lines = result.stdout.splitlines()
     assert sorted(lines) == ["child ok", "parent later ok", "parent ok"], (
