@@ -11,6 +11,7 @@ workers, process-pool workers, a fork server): a leftover process fails the test
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -184,6 +185,17 @@ class _Server:
         self.stop(check=exc is None)
 
 
+@functools.lru_cache(maxsize=1)
+def _no_control_socket() -> tuple[str, ...]:
+    """Recent gunicorn opens a control socket at one fixed path per user
+    (``~/.gunicorn/gunicorn.ctl``), which servers running side by side would share:
+    turn it off where the installed gunicorn has it."""
+    gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or "gunicorn"
+    help_text = subprocess.run([gunicorn, "--help"], capture_output=True, text=True,
+                               timeout=60).stdout
+    return ("--no-control-socket",) if "--no-control-socket" in help_text else ()
+
+
 class GunicornServer(_Server):
     """``gunicorn APP`` with ``workers`` sync workers on a free loopback port.
 
@@ -201,7 +213,7 @@ class GunicornServer(_Server):
         super().__init__()
         gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
         argv = [gunicorn or "gunicorn", "-w", str(workers), "-b", f"{self.host}:{self.port}",
-                "--graceful-timeout", "10", *args, app]
+                "--graceful-timeout", "10", *_no_control_socket(), *args, app]
         tests_dir = str(Path(__file__).resolve().parent)
         full_env = {**os.environ, **(env or {})}
         full_env["PYTHONPATH"] = os.pathsep.join(
