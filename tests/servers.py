@@ -38,25 +38,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def session_pids(sid: int) -> list[int]:
-    """Pids of the live (not zombie) processes whose session id is ``sid``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is the state, fields[3] the session id (stat(5), after the name).
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry))
-    return pids
-
-
-def children(pid: int) -> list[int]:
-    """Pids of the live direct children of ``pid``."""
+def _processes() -> list[tuple[int, str, int, int]]:
+    """``(pid, state, ppid, session id)`` of every process, from ``/proc/*/stat``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -66,9 +49,19 @@ def children(pid: int) -> list[int]:
                 fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            found.append(int(entry))
+        # After the name: state, ppid, pgrp, session (proc(5)).
+        found.append((int(entry), fields[0], int(fields[1]), int(fields[3])))
     return found
+
+
+def session_pids(sid: int) -> list[int]:
+    """Pids of the live (not zombie) processes whose session id is ``sid``."""
+    return [pid for pid, state, _, session in _processes() if state != "Z" and session == sid]
+
+
+def children(pid: int) -> list[int]:
+    """Pids of the live direct children of ``pid``."""
+    return [child for child, state, ppid, _ in _processes() if state != "Z" and ppid == pid]
 
 
 class Response:
