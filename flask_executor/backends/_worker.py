@@ -110,21 +110,26 @@ def _call(
         return app.ensure_sync(fn)(*args, **kwargs)
 
 
+def run_worker_init(name: str, app: Flask) -> None:
+    """Import the worker initializer ``name`` (``'package.module:function'``)
+    and call it in ``app``'s app context (process and Dask workers alike)."""
+    module, _, attr = name.partition(":")
+    if not module or not attr:
+        raise ValueError(
+            f"EXECUTOR_WORKER_INIT must look like 'package.module:function', got {name!r}"
+        )
+    function = import_object(module, attr)
+    with app.app_context():
+        function()
+
+
 def _initialize(name: str, spec: AppSpec | None, spec_error: Exception | None) -> Outcome | None:
     """Run the worker initializer ``name`` in the app context of ``spec``;
     the error outcome if it (or finding it, or building the app) fails."""
     try:
-        module, _, attr = name.partition(":")
-        if not module or not attr:
-            raise ValueError(
-                f"EXECUTOR_WORKER_INIT must look like 'package.module:function', got {name!r}"
-            )
-        function = import_object(module, attr)
         if spec is None:
             raise spec_error or RuntimeError("the worker has no app")
-        app = restore_app(spec)
-        with app.app_context():
-            function()
+        run_worker_init(name, restore_app(spec))
     except KeyboardInterrupt:
         raise
     except BaseException as exc:

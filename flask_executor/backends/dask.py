@@ -30,7 +30,7 @@ from typing import Any
 
 from ..appspec import restore_app
 from ..futures import FutureProxy
-from ..serialize import import_object, loads, type_name
+from ..serialize import loads, type_name
 from ..tasks import forward_logs, log_record_restore
 from . import (
     Backend,
@@ -41,7 +41,7 @@ from . import (
     settle,
     stop_unfinished,
 )
-from ._worker import Outcome, _error, rebuild_outcome, run_call
+from ._worker import Outcome, _error, rebuild_outcome, run_call, run_worker_init
 from .thread import _Deadlines
 
 try:
@@ -78,13 +78,8 @@ def _initialize(name: str, topic: str, spec_bytes: bytes, app_version: str) -> O
             return _worker_inits[topic]
         failure = None
         try:
-            module, _, attr = name.partition(":")
-            if not module or not attr:
-                raise ValueError(f"expected 'package.module:function', got {name!r}")
-            function = import_object(module, attr)
             spec = _worker_specs.get(app_version) or loads(spec_bytes)
-            with restore_app(spec).app_context():
-                function()
+            run_worker_init(name, restore_app(spec))
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
