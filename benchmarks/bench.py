@@ -31,10 +31,11 @@ from typing import Any, NamedTuple
 import flask
 from _dask import section_dask
 from _external import cold_start, compare_v1
+from _store import section_store
 from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
 from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
 
-SECTIONS = ("thread", "process", "config", "cpu", "cold", "dask")
+SECTIONS = ("thread", "process", "config", "cpu", "cold", "dask", "store")
 TITLES = {
     "thread": "1. thread pool: full context vs raw ThreadPoolExecutor",
     "process": "2. process pool: full context vs raw ProcessPoolExecutor",
@@ -43,6 +44,7 @@ TITLES = {
     "cold": "5. cold start (process)",
     "dask": "6. Dask: ours vs raw client.submit / client.map on the same cluster",
     "compare": "7. Flask-Executor 1.0, each version against its own raw pool",
+    "store": "8. task stores: submit_stored + poll + pop per task, vs the memory store",
 }
 CTX_RESULT = ("bench-value", "1", "alice")
 #: A section running longer than this is taken for a hang: every thread's
@@ -416,6 +418,8 @@ INFO = (
     ("dask", "map_ratio", "dask map of 1000 items, ours/client.map"),
     ("cpu", "ours_vs_raw", "CPU-bound total time, ours/raw pool"),
     ("cold", "ratio", "cold start to first result, ours/raw"),
+    ("store", "sqlite_ratio", "stored task with the SQLite store / memory store"),
+    ("store", "redis_ratio", "stored task with the Redis store / memory store"),
 )
 #: Flag a headline ratio as noisy when the round-by-round median or the ratio
 #: of the fast quarters differs from it by more than this.
@@ -582,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": section_cpu,
         "cold": section_cold,
         "dask": lambda plan: section_dask(plan, make_app, in_request, sequential),
+        "store": lambda plan: section_store(plan, make_app),
     }
     started = time.perf_counter()
     results: dict[str, Any] = {}

@@ -491,15 +491,26 @@ class Executor(concurrent.futures.Executor):
 
         return decorate if fn is None else decorate(fn)
 
-    def status_blueprint(self, name: str | None = None) -> Blueprint:
+    def status_blueprint(
+        self,
+        name: str | None = None,
+        *,
+        authorize: Callable[[], object] | None = None,
+        list_keys: bool = False,
+    ) -> Blueprint:
         """A blueprint serving the status of :attr:`futures` as JSON:
-        ``GET /`` lists them, ``GET /<key>`` gives one (404 for an unknown
-        key). Register it with a ``url_prefix`` and guard it (see
-        :mod:`flask_executor.status`).
+        ``GET /<key>`` gives one (404 for an unknown key) and, with
+        ``list_keys=True``, ``GET /`` lists them (otherwise 404). Register it
+        with a ``url_prefix``; ``authorize()`` is called inside each request
+        and a false answer is 403 (see :mod:`flask_executor.status`).
 
         .. versionadded:: 2.0
+        .. versionchanged:: 2.0
+            ``authorize`` and ``list_keys``; listing is opt-in.
         """
-        return status_blueprint(self.futures, name or f"{self.name or 'executor'}_status")
+        return status_blueprint(
+            self.futures, name or f"{self.name or 'executor'}_status", authorize, list_keys
+        )
 
     def dashboard_blueprint(
         self,

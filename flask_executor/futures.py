@@ -16,21 +16,29 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
-from .errors import StoreSignatureError, StoreUnavailableError, TaskLostError
+from flask import has_request_context, request
+
+from .errors import StoreSignatureError, StoreUnavailableError
 from .serialize import type_name
 from .stores.base import CANCEL_REFUSED, BaseStore, TaskRecord
 from .stores.memory import MemoryStore
-from .stores.remote import StoredFuture, Watcher
+from .stores.remote import (
+    HOST,
+    StoredFuture,
+    Watcher,
+    check_lost,
+    future_state,
+    live_record,
+    wait_cancelled,
+)
 from .stores.signing import Signer, decode_outcome, encode_outcome
 
 __all__ = ["FutureCollection", "FutureProxy", "StoredFuture", "future_state"]
@@ -44,9 +52,6 @@ LOST_AFTER = 15.0
 CANCEL_WAIT = 10.0
 #: Attempts at writing a record before the failure is logged.
 WRITE_ATTEMPTS = 4
-
-_HOST = socket.gethostname()
-_LOST_TYPE = type_name(TaskLostError())
 
 T = TypeVar("T")
 
@@ -159,30 +164,6 @@ class FutureProxy(Future[T], Generic[T]):
         return asyncio.wrap_future(self).__await__()
 
 
-def future_state(future: Future[Any]) -> str:
-    """The state of ``future`` by the status endpoint's names: ``pending``,
-    ``running``, ``finished``, ``failed`` or ``cancelled``."""
-    if isinstance(future, StoredFuture):
-        return future.state
-    if future.cancelled():
-        return "cancelled"
-    if future.running():
-        return "running"
-    if not future.done():
-        return "pending"
-    return "failed" if future.exception() is not None else "finished"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 class FutureCollection:
     """Futures stored under keys, oldest dropped past ``max_length``.
 
@@ -255,10 +236,11 @@ class FutureCollection:
     def _use_store(self, store: BaseStore, secret: Callable[[], Any], setting: str) -> None:
         """Called by :meth:`Executor.init_app`: keep records in ``store``;
         ``secret()`` gives the ``SECRET_KEY`` results are signed with."""
+        if store is not self._store:
+            self.close()  # outside the lock: the watcher takes it
         with self._lock:
             store.max_length, store.ttl = self._store.max_length, self._store.ttl
             if store is not self._store:
-                self.close()
                 self._store = store
                 self._local.clear()
             self._secret = secret
@@ -290,6 +272,8 @@ class FutureCollection:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop.set()
+            if watcher is not threading.current_thread() and watcher.pid == os.getpid():
+                watcher.join(timeout=5)
         self._store.close()
 
     # -- the owner's side ---------------------------------------------------------
@@ -310,9 +294,9 @@ class FutureCollection:
         self._signing()
         record = TaskRecord(
             key=key,
-            task_id=uuid.uuid4().hex,
+            task_id=os.urandom(16).hex(),
             function=function,
-            owner_host=_HOST,
+            owner_host=HOST,
             owner_pid=os.getpid(),
         )
         try:
@@ -329,8 +313,6 @@ class FutureCollection:
                 f"future_key {key!r} already exists in executor.futures;"
                 " pop() it first or use another key"
             )
-        if store.shared:
-            self._ensure_watcher()
         return record.task_id
 
     def _attach(self, task_id: str, future: Future[Any]) -> None:
@@ -340,6 +322,8 @@ class FutureCollection:
             self._local[task_id] = future
             if len(self._local) > 2 * (self.max_length or 50) + 16:
                 self._prune()
+            if self._store.shared:
+                self._ensure_watcher()
         if self._store.shared and isinstance(future, FutureProxy):
             future._listener = functools.partial(self._on_event, task_id)
             if future.running():
@@ -366,14 +350,11 @@ class FutureCollection:
             self._write(task_id, meta=dict(data))
 
     def _on_done(self, task_id: str, future: Future[Any]) -> None:
-        if self._store.shared:
-            try:
-                fields = encode_outcome(future, self._signing())
-            except Exception:
-                logger.exception("could not encode the outcome of task %s", task_id)
-                fields = {"state": "failed", "error_message": "outcome could not be stored"}
-        else:  # the local future answers; the record needs its end for ttl
-            fields = {"state": "cancelled" if future.cancelled() else "finished"}
+        try:  # the memory store keeps no outcome: the local future has it
+            fields = encode_outcome(future, self._signing())
+        except Exception:
+            logger.exception("could not encode the outcome of task %s", task_id)
+            fields = {"state": "failed", "error_message": "outcome could not be stored"}
         self._write(task_id, finished_at=time.time(), **fields)
 
     def _write(self, task_id: str, **fields: Any) -> None:
@@ -393,26 +374,28 @@ class FutureCollection:
                 time.sleep(0.05 * 2**attempt)
 
     def _ensure_watcher(self) -> None:
+        """Start this process's watcher unless it runs (call with the lock held)."""
         watcher = self._watcher
         if watcher is None or watcher.pid != os.getpid() or not watcher.is_alive():
-            with self._lock:
-                watcher = self._watcher
-                if watcher is None or watcher.pid != os.getpid() or not watcher.is_alive():
-                    self._watcher = Watcher(self)
-                    self._watcher.start()
+            self._watcher = Watcher(self)
+            self._watcher.start()
+
+    def _idle(self) -> bool:
+        """Whether every task this process owns has finished (lock held)."""
+        return all(future.done() for future in self._local.values())
 
     def _beat(self) -> None:
         try:
-            self._store.beat(_HOST, os.getpid())
+            self._store.beat(HOST, os.getpid())
         except Exception as error:
             logger.warning("%s: heartbeat failed: %s", self._store.url, error)
 
     def _serve_cancels(self) -> None:
         """Cancel the tasks other processes asked this owner to cancel."""
         with self._lock:
-            if all(future.done() for future in self._local.values()):
+            if self._idle():
                 return
-        for task_id in self._store.cancel_requests(_HOST, os.getpid()):
+        for task_id in self._store.cancel_requests(HOST, os.getpid()):
             future = self._local.get(task_id)
             if future is None or not future.cancel():
                 self._write(task_id, cancel=CANCEL_REFUSED)
@@ -423,28 +406,7 @@ class FutureCollection:
         """``record``, failed with :exc:`TaskLostError` if its owner is dead."""
         if record.done or not self._store.shared:
             return record
-        host, pid = record.owner_host, record.owner_pid
-        if (host, pid) == (_HOST, os.getpid()):
-            return record
-        now = time.time()
-        reason = None
-        if host == _HOST and not _pid_alive(pid):
-            reason = "that process is gone"
-        else:
-            beat = self._store.last_beat(host, pid)
-            silent = now - (beat if beat is not None else record.submitted_at)
-            if silent > LOST_AFTER:
-                reason = f"no heartbeat from it for {silent:.0f} s"
-        if reason is None:
-            return record
-        message = (
-            f"task {record.key!r} was lost: the process that owned it (host {host!r}, pid"
-            f" {pid}) stopped before the task finished; {reason}"
-        )
-        lost = {"state": "failed", "finished_at": now, "error_type": _LOST_TYPE,
-                "error_message": message}
-        self._store.update(record.task_id, **lost)
-        return record.replace(**lost)
+        return check_lost(self._store, record, LOST_AFTER)
 
     def _read(self, key: Hashable) -> TaskRecord | None:
         if self._store.shared and not isinstance(key, str):
@@ -473,8 +435,6 @@ class FutureCollection:
         """Say once, under a pre-fork server, why a memory-store key may be missing."""
         if self._store.shared or self._warned_multiprocess:
             return
-        from flask import has_request_context, request
-
         if has_request_context() and request.environ.get("wsgi.multiprocess"):
             self._warned_multiprocess = True
             logger.warning(
@@ -486,6 +446,9 @@ class FutureCollection:
 
     def __contains__(self, item: object) -> bool:
         """``key in futures`` or ``future in futures``."""
+        if isinstance(item, StoredFuture):
+            current = self._read(item.key)
+            return current is not None and current.task_id == item.record.task_id
         if isinstance(item, Future):
             with self._lock:
                 owned = [tid for tid, future in self._local.items() if future is item]
@@ -584,27 +547,20 @@ class FutureCollection:
         .. versionadded:: 2.0
         """
         record = self._read(future_key)
-        if record is None:
-            return None
+        return None if record is None else self._cancel(record)
+
+    def _cancel(self, record: TaskRecord) -> bool:
+        """Cancel the task of ``record``, here or through its owner."""
         future = self._local.get(record.task_id)
         if future is not None:
             return future.cancel()
         if record.done:
             return record.state == "cancelled"
-        self._store.request_cancel(future_key)
-        deadline = time.monotonic() + CANCEL_WAIT
-        delay = 0.01
-        while time.monotonic() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
-            current = self._read_id(record.task_id)
-            if current is None:
-                return False
-            if current.done:
-                return current.state == "cancelled"
-            if current.cancel == CANCEL_REFUSED:
-                return False
-        return False
+        current = self._store.get(record.key)
+        if current is None or current.task_id != record.task_id:
+            return False  # popped: its key may name another task now
+        self._store.request_cancel(record.key)
+        return wait_cancelled(lambda: self._read_id(record.task_id), CANCEL_WAIT)
 
     def records(self, limit: int | None = None) -> list[TaskRecord]:
         """The stored tasks' records, newest submitted first (for dashboards
@@ -616,7 +572,7 @@ class FutureCollection:
         for record in self._store.records(limit):
             future = self._local.get(record.task_id)
             if future is not None:
-                record = _live_record(record, future)
+                record = live_record(record, future)
             records.append(self._check_lost(record))
         return records
 
@@ -629,7 +585,7 @@ class FutureCollection:
         if record is None:
             return None
         future = self._local.get(record.task_id)
-        return record if future is None else _live_record(record, future)
+        return record if future is None else live_record(record, future)
 
     def purge(self) -> int:
         """Remove every finished, failed and cancelled task; keep pending and
@@ -652,15 +608,3 @@ class FutureCollection:
             (record.key, self._future(self._check_lost(record)))
             for record in reversed(self._store.records())
         ]
-
-
-def _live_record(record: TaskRecord, future: Future[Any]) -> TaskRecord:
-    """``record`` with the state and meta of the local ``future``."""
-    state = future_state(future)
-    fields: dict[str, Any] = {"state": state}
-    if isinstance(future, FutureProxy):
-        fields["meta"] = future.meta
-    if state == "failed" and record.error_type is None:
-        exc = future.exception()
-        fields.update(error_type=type_name(exc), error_message=str(exc))
-    return record.replace(**fields)

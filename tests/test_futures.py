@@ -159,3 +159,20 @@ def test_concurrent_pops_return_future_once() -> None:
 
     _run_threads(8, pop)
     assert [p for p in popped if p is not None] == [stored]
+
+
+def test_state_names_match_the_status_endpoint() -> None:
+    futures = FutureCollection()
+    pending: Future[int] = Future()
+    running: Future[int] = Future()
+    running.set_running_or_notify_cancel()
+    cancelled: Future[int] = Future()
+    cancelled.cancel()
+    failed: Future[int] = Future()
+    failed.set_exception(ValueError("no"))
+    for key, future in [("pending", pending), ("running", running), ("finished", _done(1)),
+                        ("failed", failed), ("cancelled", cancelled)]:
+        futures.add(key, future)
+        assert futures.state(key) == key
+    with pytest.raises(KeyError):
+        futures.state("missing")

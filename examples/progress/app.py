@@ -8,13 +8,19 @@
 * ``GET /`` is a page with a Start button and a ``<progress>`` bar that
   polls ``/tasks/<key>`` every 300 ms.
 
-``flask --app examples/progress/app.py run`` serves the page. Run it with
+``flask --app examples/progress/app.py run`` serves the page, and so does
+``gunicorn -w 3 --chdir examples/progress app:app``: the tasks live in a SQLite
+file in the instance folder (``EXECUTOR_STORE``), so whichever worker answers a
+poll sees the job another worker started. Run it with
 ``python examples/progress/app.py`` and it drives itself with Flask's test
 client instead, printing each progress value it sees while the job runs.
+Settings can come from the environment: ``FLASK_SECRET_KEY``,
+``FLASK_EXECUTOR_STORE``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -22,10 +28,23 @@ from flask import Flask, jsonify, render_template
 
 from flask_executor import Executor, current_task
 
-app = Flask(__name__)
-app.config["EXECUTOR_TYPE"] = "process"
+# The instance folder (where the task store's file goes) next to this file,
+# however the app is started.
+app = Flask(
+    __name__, instance_path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance")
+)
+app.config.update(
+    EXECUTOR_TYPE="process",
+    # Shared by every process of the app (gunicorn -w N): a file in app.instance_path.
+    EXECUTOR_STORE="sqlite:///progress-tasks.db",
+    # Stored results are signed with a key derived from it: set your own.
+    SECRET_KEY="dev only: set FLASK_SECRET_KEY",
+)
+app.config.from_prefixed_env()
 executor = Executor(app)
-app.register_blueprint(executor.status_blueprint(), url_prefix="/tasks")
+# Keys are random UUIDs handed only to the browser that started the job, so
+# knowing one is the permission to see it; list_keys stays off.
+app.register_blueprint(executor.status_blueprint(authorize=lambda: True), url_prefix="/tasks")
 
 
 def crunch(steps: int = 10) -> int:

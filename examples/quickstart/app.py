@@ -58,7 +58,7 @@ def report_status():  # type: ignore[no-untyped-def]
     if "report" not in executor.futures:
         return jsonify(status="not started"), 404
     if not executor.futures.done("report"):
-        return jsonify(status=executor.futures._state("report"))
+        return jsonify(status=executor.futures.state("report"))
     future = executor.futures.pop("report")
     return jsonify(status="done", result=future.result())
 

@@ -52,11 +52,11 @@ def open_store(
                 " is not shared between processes (use 'memory')"
             )
         if not os.path.isabs(path):
-            os.makedirs(instance_path, exist_ok=True)
             path = os.path.join(instance_path, path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         return SQLiteStore(path, namespace)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis import RedisStore  # type: ignore[import-not-found,unused-ignore]
+        from .redis import RedisStore
 
         store: BaseStore = RedisStore(url, namespace)
         return store

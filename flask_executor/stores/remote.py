@@ -1,27 +1,38 @@
 """The reader's side of a shared store: :class:`StoredFuture`, the future of a
-task another process owns, and :class:`Watcher`, the thread that keeps an
-owner's heartbeat and serves cancel requests from other processes."""
+task another process owns; :func:`check_lost`, which fails the records of
+owners that died; and :class:`Watcher`, the thread that keeps an owner's
+heartbeat and serves cancel requests from other processes while it owns
+unfinished tasks."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TaskLostError
 from ..serialize import type_name
-from .base import TaskRecord
+from .base import CANCEL_REFUSED, BaseStore, TaskRecord
 
 if TYPE_CHECKING:
     from ..futures import FutureCollection
 
-__all__ = ["StoredFuture", "Watcher"]
+__all__ = [
+    "HOST",
+    "StoredFuture",
+    "Watcher",
+    "check_lost",
+    "future_state",
+    "live_record",
+    "wait_cancelled",
+]
 
 logger = logging.getLogger("flask_executor")
 
@@ -30,6 +41,89 @@ CANCEL_POLL = 0.25
 #: Seconds between an owner's heartbeats.
 BEAT_INTERVAL = 3.0
 _LOST_TYPE = type_name(TaskLostError())
+#: This machine's name, as owners are recorded.
+HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def check_lost(store: BaseStore, record: TaskRecord, lost_after: float) -> TaskRecord:
+    """``record`` (unfinished), or failed with :exc:`TaskLostError` and so
+    written to the store, if its owner is dead: on this host, its pid is gone;
+    anywhere, its heartbeat is older than ``lost_after`` seconds."""
+    host, pid = record.owner_host, record.owner_pid
+    if (host, pid) == (HOST, os.getpid()):
+        return record
+    now = time.time()
+    reason = None
+    if host == HOST and not _pid_alive(pid):
+        reason = "that process is gone"
+    else:
+        # A fresh submission counts as a beat: the owner's watcher may not have beaten yet.
+        beat = max(store.last_beat(host, pid) or 0.0, record.submitted_at)
+        if now - beat > lost_after:
+            reason = f"no heartbeat from it for {now - beat:.0f} s"
+    if reason is None:
+        return record
+    message = (
+        f"task {record.key!r} was lost: the process that owned it (host {host!r}, pid"
+        f" {pid}) stopped before the task finished; {reason}"
+    )
+    lost = {"state": "failed", "finished_at": now, "error_type": _LOST_TYPE,
+            "error_message": message}
+    store.update(record.task_id, **lost)
+    return record.replace(**lost)
+
+
+def wait_cancelled(read: Callable[[], TaskRecord | None], timeout: float) -> bool:
+    """After a cancel request: wait (backing off, up to ``timeout`` seconds)
+    for the owner's answer in the record ``read()`` returns."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+        current = read()
+        if current is None or current.cancel == CANCEL_REFUSED:
+            return False
+        if current.done:
+            return current.state == "cancelled"
+    return False
+
+
+def future_state(future: Future[Any]) -> str:
+    """The state of ``future`` by the status endpoint's names: ``pending``,
+    ``running``, ``finished``, ``failed`` or ``cancelled``."""
+    if isinstance(future, StoredFuture):
+        return future.state
+    if future.cancelled():
+        return "cancelled"
+    if future.running():
+        return "running"
+    if not future.done():
+        return "pending"
+    return "failed" if future.exception() is not None else "finished"
+
+
+def live_record(record: TaskRecord, future: Future[Any]) -> TaskRecord:
+    """``record`` with the state and meta of the local ``future``."""
+    state = future_state(future)
+    fields: dict[str, Any] = {"state": state}
+    meta = getattr(future, "meta", None)
+    if isinstance(meta, dict):
+        fields["meta"] = meta
+    if state == "failed" and record.error_type is None:
+        exc = future.exception()
+        fields.update(error_type=type_name(exc), error_message=str(exc))
+    return record.replace(**fields)
 
 
 class StoredFuture(Future[Any]):
@@ -51,6 +145,8 @@ class StoredFuture(Future[Any]):
         super().__init__()
         self._collection = collection
         self._record = record
+        #: The record was just read: the first question needs no second read.
+        self._fresh = True
         self._settle(record)
 
     @property
@@ -66,15 +162,21 @@ class StoredFuture(Future[Any]):
         if not record.done or Future.done(self):
             return
         if record.state == "cancelled":
-            Future.cancel(self)
+            Future.cancel(self)  # a no-op if another thread settled it first
             return
         result, exception = self._collection._decode(record)
-        if exception is not None:
-            self.set_exception(exception)
-        else:
-            self.set_result(result)
+        try:
+            if exception is not None:
+                self.set_exception(exception)
+            else:
+                self.set_result(result)
+        except concurrent.futures.InvalidStateError:  # another thread settled it first
+            pass
 
     def _refresh(self) -> None:
+        if self._fresh:
+            self._fresh = False
+            return
         if Future.done(self):
             return
         record = self._collection._read_id(self._record.task_id)
@@ -108,13 +210,16 @@ class StoredFuture(Future[Any]):
         return dict(self._record.meta)
 
     def done(self) -> bool:
+        """Whether the task finished, failed or was cancelled (reads the store)."""
         self._refresh()
         return Future.done(self)
 
     def running(self) -> bool:
+        """Whether the task is running in its owner (reads the store)."""
         return self.state == "running"
 
     def cancelled(self) -> bool:
+        """Whether the task was cancelled (reads the store)."""
         self._refresh()
         return Future.cancelled(self)
 
@@ -122,7 +227,7 @@ class StoredFuture(Future[Any]):
         """Ask the owning process to cancel the task; ``True`` if it did."""
         if Future.done(self):
             return Future.cancelled(self)
-        cancelled = self._collection.cancel(self._record.key)
+        cancelled = self._collection._cancel(self._record)
         self._refresh()
         return bool(cancelled) or Future.cancelled(self)
 
@@ -141,17 +246,27 @@ class StoredFuture(Future[Any]):
             self._refresh()
 
     def result(self, timeout: float | None = None) -> Any:
+        """The task's result, waiting up to ``timeout`` seconds (``None``: as long
+        as it takes).
+
+        :raises TimeoutError: not done in time.
+        :raises Exception: what the task raised, or
+            :exc:`~flask_executor.TaskLostError`.
+        """
         self._wait(timeout)
         return Future.result(self, 0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """What the task raised (``None`` if it succeeded), waiting up to
+        ``timeout`` seconds."""
         self._wait(timeout)
         return Future.exception(self, 0)
 
 
 class Watcher(threading.Thread):
-    """One per store and process: beats the owner's heartbeat and serves
-    cancel requests from other processes."""
+    """One per store and process while it owns unfinished tasks: beats the
+    owner's heartbeat and serves cancel requests from other processes; it
+    ends when every task it watched is done (the next one starts another)."""
 
     def __init__(self, collection: FutureCollection) -> None:
         super().__init__(name="flask-executor-store-watcher", daemon=True)
@@ -173,6 +288,11 @@ class Watcher(threading.Thread):
                 collection._serve_cancels()
             except Exception as error:
                 logger.warning("%s: cannot read cancel requests: %s", collection.store.url, error)
+            with collection._lock:
+                if collection._idle():
+                    if collection._watcher is self:
+                        collection._watcher = None
+                    return
             del collection
             if self.stop.wait(CANCEL_POLL):
                 return

@@ -102,7 +102,18 @@ def decode_outcome(
         if state == "failed":
             return None, RuntimeError(f"{error_type}: {error_message}")
         return None, SerializationError(f"{what}: no result was stored")
-    kind, value = pickle.loads(signer.unsign(outcome, what))
+    data = signer.unsign(outcome, what)
+    try:
+        kind, value = pickle.loads(data)
+    except Exception as error:  # e.g. a class this process cannot import
+        if state == "failed":
+            value = RuntimeError(f"{error_type}: {error_message}")
+            kind = "error"
+        else:
+            return None, SerializationError(
+                f"{what}: the stored result cannot be unpickled here:"
+                f" {type_name(error)}: {error}"
+            )
     if isinstance(value, _Unstorable):
         return None, SerializationError(f"{what}: {value.message}")
     if kind == "ok":

@@ -2,8 +2,9 @@
 shares (the embedded choice for ``gunicorn -w N``).
 
 Standard library :mod:`sqlite3` in WAL mode (readers never block the
-writer), one connection per thread and process, autocommit with explicit
-``BEGIN IMMEDIATE`` transactions where several statements must be atomic. The
+writer), one connection per process that its threads take turns on, autocommit
+with explicit ``BEGIN IMMEDIATE`` transactions where several statements must be
+atomic. The
 key's uniqueness is the table's unique index, so two processes adding one
 key at the same moment cannot both succeed.
 """
@@ -15,6 +16,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,8 +26,10 @@ from .base import CANCEL_REQUESTED, UNFINISHED, WRITABLE, BaseStore, TaskRecord
 
 __all__ = ["SQLiteStore"]
 
-#: Popped records still waited on are kept by id this long after they finish.
+#: Popped records still waited on are kept by id this long after they finish,
+#: and at most this long after they were submitted.
 POPPED_KEEP = 300.0
+POPPED_FORGET = 86400.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -80,50 +84,96 @@ class SQLiteStore(BaseStore):
         self.path = path
         self.url = f"sqlite:///{path}"
         self.timeout = timeout
-        self._local = threading.local()
-        self._seq_lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
 
     # -- connections -------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        local = self._local
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        if conn is not None and local.pid == os.getpid():
+        """This process's connection (call with the lock held)."""
+        conn = self._conn
+        if conn is not None and self._pid == os.getpid():
             return conn
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while True:
+            try:
+                conn = self._open()
+                break
+            except sqlite3.OperationalError as error:
+                # Switching to WAL and creating the schema take locks that
+                # SQLite's busy handler does not always wait for: retry.
+                locked = "locked" in str(error) or "busy" in str(error)
+                if not locked or time.monotonic() > deadline:
+                    raise StoreUnavailableError(
+                        f"cannot open the task store {self.url!r}: {error}"
+                    ) from error
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+            except sqlite3.Error as error:
+                raise StoreUnavailableError(
+                    f"cannot open the task store {self.url!r}: {error}"
+                ) from error
+        # A connection inherited through fork() is never used (nor closed) here.
+        self._conn, self._pid = conn, os.getpid()
+        # Closed with the store if nobody calls close().
+        weakref.finalize(self, conn.close)
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+        )
         try:
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-        except sqlite3.Error as error:
-            raise StoreUnavailableError(
-                f"cannot open the task store {self.url!r}: {error}"
-            ) from error
-        local.conn, local.pid = conn, os.getpid()
+            if not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'owners'"
+            ).fetchone():
+                conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._lock:
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                raise StoreUnavailableError(f"task store {self.url!r}: {error}") from error
 
-    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        try:
-            return self._connect().execute(sql, params)
-        except sqlite3.OperationalError as error:
-            raise StoreUnavailableError(f"task store {self.url!r}: {error}") from error
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[list[Any], int]:
+        """Run one statement: ``(rows, rowcount)``."""
+        with self._lock:
+            try:
+                cursor = self._connect().execute(sql, params)
+                return cursor.fetchall(), cursor.rowcount
+            except sqlite3.OperationalError as error:
+                raise StoreUnavailableError(f"task store {self.url!r}: {error}") from error
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return self._execute(sql, params)[0]
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        rows = self._execute(sql, params)[0]
+        return rows[0] if rows else None
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        self._local = threading.local()
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None and self._pid == os.getpid():
+                conn.close()
 
     def _live(self) -> tuple[str, tuple[Any, ...]]:
         """The WHERE clause (and parameters) of records that still hold a key."""
@@ -145,9 +195,10 @@ class SQLiteStore(BaseStore):
                         "DELETE FROM tasks WHERE ns = ? AND finished_at <= ?",
                         (self.namespace, now - self.ttl),
                     )
-                conn.execute(
-                    "DELETE FROM tasks WHERE ns = ? AND key IS NULL AND finished_at <= ?",
-                    (self.namespace, now - POPPED_KEEP),
+                conn.execute(  # popped records nobody waits for any more
+                    "DELETE FROM tasks WHERE ns = ? AND key IS NULL"
+                    " AND (finished_at <= ? OR submitted_at <= ?)",
+                    (self.namespace, now - POPPED_KEEP, now - POPPED_FORGET),
                 )
                 try:
                     conn.execute(
@@ -184,7 +235,7 @@ class SQLiteStore(BaseStore):
         params: list[Any] = list(fields.values())
         sql = f"UPDATE tasks SET {', '.join(sets)} WHERE task_id = ? AND state IN (?, ?)"
         if not meta:
-            return self._execute(sql, (*params, task_id, *UNFINISHED)).rowcount > 0
+            return self._execute(sql, (*params, task_id, *UNFINISHED))[1] > 0
         try:  # merge meta as dict.update does (shallow), atomically
             with self._transaction() as conn:
                 row = conn.execute(
@@ -207,15 +258,15 @@ class SQLiteStore(BaseStore):
 
     def get(self, key: Hashable) -> TaskRecord | None:
         where, params = self._live()
-        row = self._execute(
+        row = self._one(
             f"SELECT {_COLUMNS} FROM tasks WHERE {where} AND key = ?", (*params, key)
-        ).fetchone()
+        )
         return None if row is None else _record(row)
 
     def get_by_id(self, task_id: str) -> TaskRecord | None:
-        row = self._execute(
+        row = self._one(
             f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
-        ).fetchone()
+        )
         return None if row is None else _record(row)
 
     def pop(self, key: Hashable) -> TaskRecord | None:
@@ -240,22 +291,22 @@ class SQLiteStore(BaseStore):
 
     def records(self, limit: int | None = None) -> list[TaskRecord]:
         where, params = self._live()
-        rows = self._execute(
+        rows = self._rows(
             f"SELECT {_COLUMNS} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT ?",
             (*params, -1 if limit is None else limit),
-        ).fetchall()
+        )
         return [_record(row) for row in rows]
 
     def keys(self) -> list[Hashable]:
         where, params = self._live()
-        rows = self._execute(
+        rows = self._rows(
             f"SELECT key FROM tasks WHERE {where} ORDER BY seq", params
-        ).fetchall()
+        )
         return [row[0] for row in rows]
 
     def __len__(self) -> int:
         where, params = self._live()
-        return int(self._execute(f"SELECT COUNT(*) FROM tasks WHERE {where}", params).fetchone()[0])
+        return int(self._one(f"SELECT COUNT(*) FROM tasks WHERE {where}", params)[0])
 
     def request_cancel(self, key: Hashable) -> TaskRecord | None:
         record = self.get(key)
@@ -267,19 +318,18 @@ class SQLiteStore(BaseStore):
         return record
 
     def cancel_requests(self, owner_host: str, owner_pid: int) -> list[str]:
-        rows = self._execute(
+        rows = self._rows(
             "SELECT task_id FROM tasks WHERE ns = ? AND owner_host = ? AND owner_pid = ?"
             " AND cancel = ? AND state IN (?, ?)",
             (self.namespace, owner_host, owner_pid, CANCEL_REQUESTED, *UNFINISHED),
-        ).fetchall()
+        )
         return [row[0] for row in rows]
 
     def purge(self) -> int:
-        cursor = self._execute(
+        return self._execute(
             "DELETE FROM tasks WHERE ns = ? AND state NOT IN (?, ?)",
             (self.namespace, *UNFINISHED),
-        )
-        return cursor.rowcount
+        )[1]
 
     # -- owners ------------------------------------------------------------------
 
@@ -291,7 +341,7 @@ class SQLiteStore(BaseStore):
         )
 
     def last_beat(self, owner_host: str, owner_pid: int) -> float | None:
-        row = self._execute(
+        row = self._one(
             "SELECT beat FROM owners WHERE host = ? AND pid = ?", (owner_host, owner_pid)
-        ).fetchone()
+        )
         return None if row is None else float(row[0])
