@@ -7,6 +7,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -297,3 +298,98 @@ def test_process_pool_stats_name_each_worker(
 def executor_type(request: pytest.FixtureRequest) -> str:
     backend: str = request.param
     return backend
+
+
+GUNICORN_APP = '''
+import os
+from flask import Flask, jsonify
+from flask_executor import Executor
+
+app = Flask(__name__)
+app.config.update(SECRET_KEY="dashboard-test", EXECUTOR_STORE=os.environ["TEST_STORE"],
+                  EXECUTOR_MAX_WORKERS=1)
+executor = Executor(app)
+app.register_blueprint(
+    executor.dashboard_blueprint(authorize=lambda: True, stream_seconds=2),
+    url_prefix="/executor",
+)
+
+def hold(gate):
+    while not os.path.exists(gate):
+        import time
+        time.sleep(0.02)
+    return os.getpid()
+
+@app.post("/start/<key>")
+def start(key):
+    executor.submit_stored(key, hold, os.environ["TEST_GATE"])
+    return jsonify(pid=os.getpid()), 202
+
+@app.after_request
+def say_who(response):
+    response.headers["X-Pid"] = str(os.getpid())
+    return response
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_under_gunicorn_every_worker_shows_and_cancels_every_process_tasks(
+    tmp_path: Path,
+) -> None:
+    """Three gthread workers, a SQLite store: whichever worker serves the dashboard lists
+    the tasks every worker started, streams them, and cancels another worker's task."""
+    from servers import GunicornServer
+
+    (tmp_path / "dashapp.py").write_text(GUNICORN_APP)
+    gate = tmp_path / "gate"
+    env = {"TEST_STORE": f"sqlite:///{tmp_path / 'tasks.db'}", "TEST_GATE": str(gate)}
+    args = ["-k", "gthread", "--threads", "4"]
+    with GunicornServer("dashapp:app", cwd=tmp_path, workers=3, args=args, env=env) as server:
+        try:
+            owners: dict[str, int] = {}
+            for i in range(40):
+                started = server.post(f"/start/t{i}")
+                assert started.status == 202, started
+                owners[f"t{i}"] = started.json()["pid"]
+                if i >= 5 and len(set(owners.values())) >= 2:
+                    break
+            assert len(set(owners.values())) >= 2, "gunicorn sent every request to one worker"
+
+            answered = set()
+            for _ in range(60):
+                listing = server.get("/executor/api/tasks")
+                assert listing.status == 200, listing
+                shown = {task["key"]: task for task in listing.json()["tasks"]}
+                assert set(shown) == set(owners)
+                assert {k: int(t["owner"].rsplit(":", 1)[1]) for k, t in shown.items()} == owners
+                answered.add(int(listing.headers["X-Pid"]))
+                if len(answered) >= 2:
+                    break
+            assert len(answered) >= 2
+
+            # Cancel a pending task of some worker, from whichever worker answers.
+            pending = next(k for k, t in shown.items() if t["state"] == "pending")
+            page = server.get("/executor/")
+            cookie = page.headers["Set-Cookie"].split(";", 1)[0]
+            token = cookie.split("=", 1)[1]
+            answer = server.post(
+                "/executor/cancel",
+                f"key={pending}&csrf_token={token}".encode(),
+                headers={"Cookie": cookie, "Accept": "application/json",
+                         "Content-Type": "application/x-www-form-urlencoded",
+                         "Sec-Fetch-Site": "same-origin"},
+            )
+            assert answer.status == 200, answer
+            assert server.get(f"/executor/api/task/{pending}").json()["state"] == "cancelled"
+
+            stream = server.get("/executor/events")  # ends by itself after 2 s
+            assert stream.status == 200
+            assert stream.headers["Content-Type"].startswith("text/event-stream")
+            events = stream.text.split("\n\n")
+            keys = {json.loads(block.split("data: ", 1)[1])["key"]
+                    for block in events if block.startswith("event: task")}
+            assert keys == set(owners)
+            assert any(block.startswith("event: reconnect") for block in events)
+        finally:
+            gate.touch()

@@ -261,3 +261,32 @@ def test_dashboard_in_a_browser(
     assert not wide, f"at phone width these stick out sideways: {wide}"
     Path(gate).touch()
     assert executor.futures.result("render-report", timeout=TIMEOUT) == "report.pdf"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_without_event_source_the_page_polls(
+    app: Flask, served: tuple[str, Executor], browser: Any, gates: Gates
+) -> None:
+    """Where no event stream can be had, the script falls back to polling the JSON API."""
+    base, executor = served
+    gate = gates.new()
+    browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument", {"source": "delete window.EventSource;"}
+    )
+    browser.get(f"{base}/executor/")
+    browser.add_cookie({"name": "role", "value": "admin", "path": "/"})
+    _submit(app, executor, "render-report", render_report, gate)
+    browser.get(f"{base}/executor/")
+    wait = WebDriverWait(browser, BROWSER_WAIT, poll_frequency=0.1)
+    assert browser.execute_script("return typeof window.EventSource;") == "undefined"
+    wait.until(lambda d: "polling" in d.find_element(By.ID, "live").get_attribute("class"))
+    browser.execute_script("window.__notReloaded = true;")
+    wait.until(lambda d: _bar_width(d, "render-report") > 0)
+    first = _bar_width(browser, "render-report")
+    wait.until(lambda d: _bar_width(d, "render-report") >= first + 10)
+    _submit(app, executor, "import-customers", import_customers)
+    wait.until(lambda d: "missing email address" in _field(d, "import-customers", "error"))
+    assert browser.execute_script("return window.__notReloaded === true;")
+    Path(gate).touch()
+    wait.until(lambda d: _field(d, "render-report", "state") == "finished")
