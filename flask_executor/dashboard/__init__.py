@@ -39,7 +39,7 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 
-from .model import STATES, find_record, pool_stats, task_row
+from .model import STATES, duration_text, find_record, pool_stats, task_row
 
 if TYPE_CHECKING:
     from ..executor import Executor
@@ -199,17 +199,7 @@ class _Format:
             return ""
         return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(stamp))
 
-    @staticmethod
-    def duration(seconds: float | None) -> str:
-        if seconds is None:
-            return "—"
-        if seconds < 1:
-            return f"{seconds * 1000:.0f} ms"
-        if seconds < 60:
-            return f"{seconds:.1f} s"
-        if seconds < 3600:
-            return f"{seconds // 60:.0f} m {seconds % 60:.0f} s"
-        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} m"
+    duration = staticmethod(duration_text)
 
     @staticmethod
     def bytes(size: float | None) -> str:
