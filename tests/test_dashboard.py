@@ -393,3 +393,21 @@ def test_under_gunicorn_every_worker_shows_and_cancels_every_process_tasks(
             assert any(block.startswith("event: reconnect") for block in events)
         finally:
             gate.touch()
+
+
+@pytest.mark.slow
+def test_dask_pool_stats_list_the_cluster_workers(
+    app: Flask, shutdown_after: Callable[[Executor], Executor], dask_scheduler_address: str
+) -> None:
+    app.config.update(EXECUTOR_TYPE="dask", EXECUTOR_DASK_ADDRESS=dask_scheduler_address)
+    executor = shutdown_after(Executor(app))
+    app.register_blueprint(executor.dashboard_blueprint(authorize=lambda: True), url_prefix="/x")
+    with app.app_context():
+        executor.submit_stored("sum", sum, [1, 2]).result(TIMEOUT)
+    pool = app.test_client().get("/x/api/tasks").get_json()["pool"]
+    assert pool["backend"] == "dask" and pool["started"] is True
+    assert len(pool["workers"]) == 2  # the test cluster's
+    for worker in pool["workers"]:
+        assert "tcp://127.0.0.1:" in worker["name"]
+        assert worker["busy"] is False and worker["memory"] > 1024 * 1024
+    assert (pool["busy"], pool["queue"]) == (0, 0)

@@ -260,11 +260,12 @@ class DaskBackend(Backend):
         rows = []
         for address, worker in info.get("workers", {}).items():
             metrics = worker.get("metrics", {})
-            executing = metrics.get("executing")
+            counts = metrics.get("task_counts")  # by state, of the tasks on the worker now
+            executing = counts.get("executing", 0) if counts is not None else None
             rows.append(
                 {
-                    "name": str(worker.get("name", address)),
-                    "pid": worker.get("pid"),
+                    "name": f"{worker.get('name', '')} {address}".strip(),
+                    "pid": worker.get("pid"),  # not in the scheduler's worker info
                     "busy": None if executing is None else executing > 0,
                     "tasks_run": None,
                     "memory": metrics.get("memory"),
