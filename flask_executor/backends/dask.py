@@ -254,7 +254,8 @@ class DaskBackend(Backend):
 
     def stats(self) -> dict[str, Any]:
         """See :meth:`Backend.stats`, from the client's cached scheduler info
-        (no round trip); empty before the first submit."""
+        (no round trip, so a worker's ``busy`` and ``memory`` are as of its last
+        heartbeat); empty before the first submit."""
         client = self._client
         info = client.scheduler_info() if client is not None else {}
         rows = []
