@@ -337,17 +337,19 @@ def say_who(response):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
 def test_under_gunicorn_every_worker_shows_and_cancels_every_process_tasks(
-    tmp_path: Path,
+    tmp_path: Path, worker_class: str
 ) -> None:
-    """Three gthread workers, a SQLite store: whichever worker serves the dashboard lists
-    the tasks every worker started, streams them, and cancels another worker's task."""
+    """Three gunicorn workers, a SQLite store: whichever worker serves the dashboard lists
+    the tasks every worker started, streams them (a sync worker is held only until the
+    stream ends), and cancels another worker's task."""
     from servers import GunicornServer
 
     (tmp_path / "dashapp.py").write_text(GUNICORN_APP)
     gate = tmp_path / "gate"
     env = {"TEST_STORE": f"sqlite:///{tmp_path / 'tasks.db'}", "TEST_GATE": str(gate)}
-    args = ["-k", "gthread", "--threads", "4"]
+    args = ["-k", worker_class] + (["--threads", "4"] if worker_class == "gthread" else [])
     with GunicornServer("dashapp:app", cwd=tmp_path, workers=3, args=args, env=env) as server:
         try:
             owners: dict[str, int] = {}
@@ -394,6 +396,8 @@ def test_under_gunicorn_every_worker_shows_and_cancels_every_process_tasks(
                     for block in events if block.startswith("event: task")}
             assert keys == set(owners)
             assert any(block.startswith("event: reconnect") for block in events)
+            # The worker that held the stream serves again.
+            assert all(server.get("/executor/api/tasks").status == 200 for _ in range(6))
         finally:
             gate.touch()
 
