@@ -201,10 +201,13 @@ def test_events_stream_changes_and_ends_after_a_bounded_time(
     states: dict[str, str] = {}
     for event, data in _events(client, "/executor/events"):
         kinds.append(event)
+        if event == "keys":
+            assert data == ["slow", "bad", "done"]
         if event == "task":
             states[data["key"]] = data["state"]
             if len(states) == 3:
                 open(gate, "w").close()
+    assert kinds[0] == "keys"
     assert kinds[-1] == "reconnect"  # the stream ended by itself (stream_seconds=5)
     assert "pool" in kinds
     assert states == {"slow": "finished", "bad": "failed", "done": "finished"}

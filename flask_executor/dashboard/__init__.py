@@ -285,8 +285,9 @@ def _stream(
     seconds: float,
     interval: float,
 ) -> Iterator[str]:
-    """Server-sent events: ``task`` (a task's row, when it changed), ``removed``
-    (keys that went away), ``pool`` (the pool, when it changed); with ``key``
+    """Server-sent events: ``keys`` (first: every key shown), ``task`` (a task's
+    row, when it changed), ``removed`` (keys that went away), ``pool`` (the
+    pool, when it changed); with ``key``
     only that task, then ``done`` when it ended (or ``missing``). The stream
     ends after ``seconds`` and the browser reconnects (``retry``)."""
     yield f"retry: 1000\n: flask-executor events, for {seconds:g} s\n\n"
@@ -294,6 +295,7 @@ def _stream(
     sent: dict[str, dict[str, Any]] = {}
     last_pool: dict[str, Any] | None = None
     quiet_since = time.monotonic()
+    first = True
     while True:
         chunks: list[str] = []
         if key is not None:
@@ -315,7 +317,11 @@ def _stream(
             current[row["key"]] = plain
             if sent.get(row["key"]) != plain:
                 chunks.append(_event("task", row))
-        if key is None:
+        if key is None and first:
+            # After a reconnect: what went away while no stream was open.
+            chunks.insert(0, _event("keys", list(current)))
+            first = False
+        elif key is None:
             gone = [k for k in sent if k not in current]
             if gone:
                 chunks.append(_event("removed", gone))
