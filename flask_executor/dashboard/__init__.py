@@ -97,7 +97,6 @@ def dashboard_blueprint(
             csrf_token=token,
             states=STATES,
             fmt=_Format,
-            stream_seconds=stream_seconds,
             **context,
         )
         response = Response(body, mimetype="text/html")
@@ -118,6 +117,7 @@ def dashboard_blueprint(
     @blueprint.get("/")
     def index() -> Response:
         state = request.args.get("state", "")
+        state = state if state in STATES else ""
         found = records()
         rows = [task_row(record) for record in found]
         counts = {s: sum(1 for row in rows if row["state"] == s) for s in STATES}
@@ -127,7 +127,7 @@ def dashboard_blueprint(
             tasks=shown,
             total=len(rows),
             counts=counts,
-            state=state if state in STATES else "",
+            state=state,
             pool=pool_stats(executor, found),
         )
 
