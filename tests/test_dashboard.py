@@ -330,11 +330,6 @@ def hold(gate):
 def start(key):
     executor.submit_stored(key, hold, os.environ["TEST_GATE"])
     return jsonify(pid=os.getpid()), 202
-
-@app.after_request
-def say_who(response):
-    response.headers["X-Pid"] = str(os.getpid())
-    return response
 '''
 
 
