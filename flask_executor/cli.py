@@ -18,22 +18,12 @@ from typing import TYPE_CHECKING
 import click
 from flask.cli import AppGroup
 
-from .dashboard.model import find_record, key_text, progress_of, task_row
+from .dashboard.model import duration_text, find_record, key_text, progress_of, task_row
 
 if TYPE_CHECKING:
     from .executor import Executor
 
 __all__ = ["executor_cli"]
-
-
-def _age(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
 
 
 def _when(stamp: float | None) -> str:
@@ -78,7 +68,7 @@ def executor_cli(executor: Executor) -> click.Group:
                     key_text(record.key),
                     record.state,
                     "-" if progress is None else f"{progress:.0%}",
-                    _age(now - record.submitted_at),
+                    duration_text(now - record.submitted_at, compact=True),
                     record.function,
                 )
             )

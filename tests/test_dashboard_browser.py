@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 from flask import Flask, request
 from servers import free_port
-from support import TIMEOUT, Gates, wait_for_path, wait_until
+from shop_tasks import import_customers, long_export, render_report, resize_images, send_email
+from support import TIMEOUT, Gates, wait_until
 from werkzeug.serving import make_server
 
-from flask_executor import Executor, current_task
+from flask_executor import Executor
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import WebDriverException  # noqa: E402
@@ -36,39 +37,6 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "_static" / "dashboard.png"
 #: Seconds the browser may take for one step on a loaded machine.
 BROWSER_WAIT = 30.0
-
-
-# -- tasks (module level: process workers import them by reference) ------------------
-
-
-def render_report(gate: str, steps: int = 40) -> str:
-    """Advance the progress bar one step every 0.15 s, then hold at 90 % until the gate."""
-    step = 0
-    while not os.path.exists(gate):
-        current_task.update(progress=min(0.9, step / steps), stage=f"page {step + 1}")
-        step += 1
-        time.sleep(0.15)
-    return "report.pdf"
-
-
-def long_export(pid_file: str, gate: str) -> None:
-    """Write this worker's pid, then run until stopped (or the gate opens)."""
-    current_task.update(progress=0.15, rows=1200)
-    Path(pid_file).write_text(str(os.getpid()))
-    wait_for_path(gate, timeout=120)
-
-
-def import_customers() -> None:
-    raise ValueError("row 17: missing email address")
-
-
-def send_email(to: str) -> str:
-    return f"sent to {to}"
-
-
-def resize_images(count: int) -> int:
-    current_task.update(progress=1.0, images=count)
-    return count
 
 
 # -- fixtures --------------------------------------------------------------------------
@@ -259,5 +227,40 @@ def test_dashboard_in_a_browser(
         " return e.tagName + '.' + e.className; });"
     )
     assert not wide, f"at phone width these stick out sideways: {wide}"
+
+    # Purge finished: the ended tasks leave the page, the running one stays.
+    browser.find_element(By.CSS_SELECTOR, "form.purge button").click()
+    wait.until(lambda d: [row.get_attribute("data-key") for row in
+                          d.find_elements(By.CSS_SELECTOR, "tr.task")] == ["render-report"])
+    assert executor.futures.keys() == ["render-report"]
     Path(gate).touch()
     assert executor.futures.result("render-report", timeout=TIMEOUT) == "report.pdf"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_without_event_source_the_page_polls(
+    app: Flask, served: tuple[str, Executor], browser: Any, gates: Gates
+) -> None:
+    """Where no event stream can be had, the script falls back to polling the JSON API."""
+    base, executor = served
+    gate = gates.new()
+    browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument", {"source": "delete window.EventSource;"}
+    )
+    browser.get(f"{base}/executor/")
+    browser.add_cookie({"name": "role", "value": "admin", "path": "/"})
+    _submit(app, executor, "render-report", render_report, gate)
+    browser.get(f"{base}/executor/")
+    wait = WebDriverWait(browser, BROWSER_WAIT, poll_frequency=0.1)
+    assert browser.execute_script("return typeof window.EventSource;") == "undefined"
+    wait.until(lambda d: "polling" in d.find_element(By.ID, "live").get_attribute("class"))
+    browser.execute_script("window.__notReloaded = true;")
+    wait.until(lambda d: _bar_width(d, "render-report") > 0)
+    first = _bar_width(browser, "render-report")
+    wait.until(lambda d: _bar_width(d, "render-report") >= first + 10)
+    _submit(app, executor, "import-customers", import_customers)
+    wait.until(lambda d: "missing email address" in _field(d, "import-customers", "error"))
+    assert browser.execute_script("return window.__notReloaded === true;")
+    Path(gate).touch()
+    wait.until(lambda d: _field(d, "render-report", "state") == "finished")

@@ -452,17 +452,19 @@ class DaskBackend(Backend):
 
     def stats(self) -> dict[str, Any]:
         """See :meth:`Backend.stats`, from the client's cached scheduler info
-        (no round trip); empty before the first submit."""
+        (no round trip, so a worker's ``busy`` and ``memory`` are as of its last
+        heartbeat); empty before the first submit."""
         client = self._client
         info = client.scheduler_info() if client is not None else {}
         rows = []
         for address, worker in info.get("workers", {}).items():
             metrics = worker.get("metrics", {})
-            executing = metrics.get("executing")
+            counts = metrics.get("task_counts")  # by state, of the tasks on the worker now
+            executing = counts.get("executing", 0) if counts is not None else None
             rows.append(
                 {
-                    "name": str(worker.get("name", address)),
-                    "pid": worker.get("pid"),
+                    "name": f"{worker.get('name', '')} {address}".strip(),
+                    "pid": worker.get("pid"),  # not in the scheduler's worker info
                     "busy": None if executing is None else executing > 0,
                     "tasks_run": None,
                     "memory": metrics.get("memory"),

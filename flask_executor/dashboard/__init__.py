@@ -39,7 +39,7 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 
-from .model import STATES, find_record, pool_stats, task_row
+from .model import STATES, duration_text, find_record, pool_stats, task_row
 
 if TYPE_CHECKING:
     from ..executor import Executor
@@ -97,7 +97,6 @@ def dashboard_blueprint(
             csrf_token=token,
             states=STATES,
             fmt=_Format,
-            stream_seconds=stream_seconds,
             **context,
         )
         response = Response(body, mimetype="text/html")
@@ -118,6 +117,7 @@ def dashboard_blueprint(
     @blueprint.get("/")
     def index() -> Response:
         state = request.args.get("state", "")
+        state = state if state in STATES else ""
         found = records()
         rows = [task_row(record) for record in found]
         counts = {s: sum(1 for row in rows if row["state"] == s) for s in STATES}
@@ -127,7 +127,7 @@ def dashboard_blueprint(
             tasks=shown,
             total=len(rows),
             counts=counts,
-            state=state if state in STATES else "",
+            state=state,
             pool=pool_stats(executor, found),
         )
 
@@ -199,17 +199,7 @@ class _Format:
             return ""
         return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(stamp))
 
-    @staticmethod
-    def duration(seconds: float | None) -> str:
-        if seconds is None:
-            return "—"
-        if seconds < 1:
-            return f"{seconds * 1000:.0f} ms"
-        if seconds < 60:
-            return f"{seconds:.1f} s"
-        if seconds < 3600:
-            return f"{seconds // 60:.0f} m {seconds % 60:.0f} s"
-        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} m"
+    duration = staticmethod(duration_text)
 
     @staticmethod
     def bytes(size: float | None) -> str:
@@ -247,16 +237,20 @@ def _result_text(executor: Executor, record: Any) -> str | None:
 
 def _check_same_origin() -> None:
     """Refuse a POST another site made the browser send: the browser's
-    ``Sec-Fetch-Site`` or ``Origin`` must say it comes from this origin, and
-    the form's token must match the token cookie (double submit)."""
+    ``Sec-Fetch-Site`` must say it comes from this origin (or, from a browser
+    that does not send it, ``Origin`` must name this host), and the form's
+    token must match the token cookie (double submit).
+
+    ``Sec-Fetch-Site`` comes first because it is the browser's own verdict: an
+    ``Origin`` compared with ``request.host`` breaks behind a proxy that
+    rewrites ``Host`` or terminates TLS."""
     fetch_site = request.headers.get("Sec-Fetch-Site")
-    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-        abort(403, f"cross-site request refused (Sec-Fetch-Site: {fetch_site})")
     origin = request.headers.get("Origin")
-    if origin is not None:
-        parts = urlsplit(origin)
-        if (parts.scheme, parts.netloc) != (request.scheme, request.host):
-            abort(403, f"cross-origin request refused (Origin: {origin})")
+    if fetch_site is not None:
+        if fetch_site not in ("same-origin", "none"):
+            abort(403, f"cross-site request refused (Sec-Fetch-Site: {fetch_site})")
+    elif origin is not None and urlsplit(origin).netloc != request.host:
+        abort(403, f"cross-origin request refused (Origin: {origin})")
     cookie = request.cookies.get(CSRF_COOKIE, "")
     sent = request.form.get(CSRF_FIELD, "")
     if not cookie or not hmac.compare_digest(cookie.encode(), sent.encode()):
@@ -291,8 +285,9 @@ def _stream(
     seconds: float,
     interval: float,
 ) -> Iterator[str]:
-    """Server-sent events: ``task`` (a task's row, when it changed), ``removed``
-    (keys that went away), ``pool`` (the pool, when it changed); with ``key``
+    """Server-sent events: ``keys`` (first: every key shown), ``task`` (a task's
+    row, when it changed), ``removed`` (keys that went away), ``pool`` (the
+    pool, when it changed); with ``key``
     only that task, then ``done`` when it ended (or ``missing``). The stream
     ends after ``seconds`` and the browser reconnects (``retry``)."""
     yield f"retry: 1000\n: flask-executor events, for {seconds:g} s\n\n"
@@ -300,6 +295,7 @@ def _stream(
     sent: dict[str, dict[str, Any]] = {}
     last_pool: dict[str, Any] | None = None
     quiet_since = time.monotonic()
+    first = True
     while True:
         chunks: list[str] = []
         if key is not None:
@@ -321,7 +317,11 @@ def _stream(
             current[row["key"]] = plain
             if sent.get(row["key"]) != plain:
                 chunks.append(_event("task", row))
-        if key is None:
+        if key is None and first:
+            # After a reconnect: what went away while no stream was open.
+            chunks.insert(0, _event("keys", list(current)))
+            first = False
+        elif key is None:
             gone = [k for k in sent if k not in current]
             if gone:
                 chunks.append(_event("removed", gone))

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..executor import Executor
     from ..futures import FutureCollection
 
-__all__ = ["STATES", "find_record", "pool_stats", "progress_of", "task_row"]
+__all__ = ["STATES", "duration_text", "find_record", "pool_stats", "progress_of", "task_row"]
 
 #: The window of "tasks per second".
 RATE_WINDOW = 60.0
@@ -27,6 +27,25 @@ RATE_WINDOW = 60.0
 def key_text(key: Hashable) -> str:
     """A key as it appears in URLs and on the command line."""
     return key if isinstance(key, str) else repr(key)
+
+
+def duration_text(seconds: float | None, compact: bool = False) -> str:
+    """``seconds`` for people: ``'340 ms'``, ``'4.2 s'``, ``'3 m 20 s'``, ``'2 h 5 m'``
+    (``compact``: ``'4s'``, ``'3m'``, ``'2.1h'``, ``'3.0d'``, for table columns)."""
+    if seconds is None:
+        return "-" if compact else "—"
+    if compact:
+        for limit, unit, size in ((60, "s", 1), (3600, "m", 60), (86400, "h", 3600)):
+            if seconds < limit:
+                return f"{int(seconds // size)}{unit}" if size < 3600 else f"{seconds / size:.1f}h"
+        return f"{seconds / 86400:.1f}d"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} m {seconds % 60:.0f} s"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} m"
 
 
 def progress_of(meta: dict[str, Any]) -> float | None:

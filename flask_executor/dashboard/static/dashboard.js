@@ -231,6 +231,11 @@
     source.addEventListener("done", function (e) { source.close(); onDetail(JSON.parse(e.data), true); });
     source.addEventListener("missing", function () { source.close(); setLive("off"); });
     source.addEventListener("removed", function (e) { onRemoved(JSON.parse(e.data)); });
+    source.addEventListener("keys", function (e) {  // each (re)connect: drop what is gone
+      var keep = {};
+      JSON.parse(e.data).forEach(function (k) { keep[k] = true; });
+      onRemoved(Object.keys(states).filter(function (k) { return !keep[k]; }));
+    });
     source.addEventListener("pool", function (e) { showPool(JSON.parse(e.data)); });
   }
 
