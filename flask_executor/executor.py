@@ -25,13 +25,14 @@ from typing import Any, ParamSpec, Protocol, TypeVar, overload
 from flask import Blueprint, Flask, current_app, has_app_context
 from werkzeug.datastructures import FileStorage
 
-from . import backends
+from . import backends, settings
 from .appspec import ConfigRules, app_spec
 from .backends import Backend, BackendOptions, PickledTask, create_backend, green_problem
 from .errors import SerializationError
 from .futures import FutureCollection, FutureProxy
 from .jobs import ExecutorJob
 from .serialize import copy_filestorage, dumps_call, remove_files, spilled_uploads
+from .settings import str2bool  # noqa: F401 - importable here, as in 1.0
 from .signals import task_failed, task_finished, task_submitted
 from .snapshot import Snapshot, capture, restore
 from .status import status_blueprint
@@ -43,21 +44,6 @@ __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-EXECUTOR_TYPES = ("thread", "process", "dask", "immediate")
-START_METHODS = ("fork", "forkserver", "spawn")
-DEFAULT_MAX_BODY = 1024 * 1024
-#: Inside gunicorn's default --graceful-timeout (30 s), with time to fail the rest.
-DEFAULT_SHUTDOWN_TIMEOUT = 25.0
-
-
-def str2bool(value: Any) -> bool:
-    """Config booleans: ``'False'``, ``'0'``, ``'no'``, ``'off'`` and ``''``
-    are false, like ``False``, ``0`` and ``None``."""
-    if isinstance(value, str):
-        return value.strip().lower() not in ("false", "0", "no", "off", "n", "f", "")
-    return bool(value)
-
 
 def propagate_exceptions_callback(future: concurrent.futures.Future[Any]) -> None:
     """Log a failed task's exception, with its traceback, through the app's
@@ -142,19 +128,9 @@ class Executor(concurrent.futures.Executor):
     def init_app(self, app: Flask) -> None:
         """Read the config and register the executor on ``app``.
 
-        Reads, each with this executor's name prefix: ``EXECUTOR_TYPE``,
-        ``EXECUTOR_MAX_WORKERS``, ``EXECUTOR_FUTURES_MAX_LENGTH``,
-        ``EXECUTOR_FUTURES_TTL``,
-        ``EXECUTOR_PROPAGATE_EXCEPTIONS``, ``EXECUTOR_PUSH_APP_CONTEXT``,
-        ``EXECUTOR_START_METHOD``, ``EXECUTOR_MAX_TASKS_PER_CHILD``,
-        ``EXECUTOR_TASK_TIMEOUT``, ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``,
-        ``EXECUTOR_SNAPSHOT_CONFIG_INCLUDE``,
-        ``EXECUTOR_SNAPSHOT_MAX_BODY``, ``EXECUTOR_APP_FACTORY``,
-        ``EXECUTOR_DASK_ADDRESS``, ``EXECUTOR_DASK_SECURITY``,
-        ``EXECUTOR_STORE``, ``EXECUTOR_STORE_NAMESPACE``,
-        ``EXECUTOR_SHUTDOWN_TIMEOUT``, ``EXECUTOR_WORKER_INIT`` and
-        ``EXECUTOR_IMMEDIATE_PICKLE`` (see
-        :doc:`/config`). May be called for
+        Reads every key of :data:`flask_executor.settings.SETTINGS`, each with
+        this executor's name prefix (``EXECUTOR_TYPE``, ``EXECUTOR_MAX_WORKERS``,
+        ``EXECUTOR_STORE``, ...; see :doc:`/config`). May be called for
         several apps; outside an app context the last one is used. No worker
         starts here: pools start on the first submit. SIGTERM with its default
         action is made to exit as ``sys.exit()`` does (see :ref:`lifecycle`).
@@ -163,43 +139,8 @@ class Executor(concurrent.futures.Executor):
         :raises RuntimeError: the backend cannot work in this process (Dask, or
             the ``fork`` start method, under gevent or eventlet monkey-patching).
         """
-        config = app.config
-        defaults: dict[str, Any] = {
-            "EXECUTOR_TYPE": "thread",
-            "EXECUTOR_MAX_WORKERS": None,
-            "EXECUTOR_FUTURES_MAX_LENGTH": None,
-            "EXECUTOR_FUTURES_TTL": None,
-            "EXECUTOR_PROPAGATE_EXCEPTIONS": False,
-            "EXECUTOR_PUSH_APP_CONTEXT": True,
-            "EXECUTOR_START_METHOD": None,
-            "EXECUTOR_MAX_TASKS_PER_CHILD": None,
-            "EXECUTOR_TASK_TIMEOUT": None,
-            "EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE": (),
-            "EXECUTOR_SNAPSHOT_CONFIG_INCLUDE": (),
-            "EXECUTOR_SNAPSHOT_MAX_BODY": DEFAULT_MAX_BODY,
-            "EXECUTOR_APP_FACTORY": None,
-            "EXECUTOR_DASK_ADDRESS": None,
-            "EXECUTOR_DASK_SECURITY": None,
-            "EXECUTOR_STORE": "memory",
-            "EXECUTOR_STORE_NAMESPACE": None,
-            "EXECUTOR_WORKER_INIT": None,
-            "EXECUTOR_SHUTDOWN_TIMEOUT": DEFAULT_SHUTDOWN_TIMEOUT,
-            "EXECUTOR_IMMEDIATE_PICKLE": False,
-        }
-        value = {key: config.setdefault(self._key(key), dflt) for key, dflt in defaults.items()}
-
-        kind = str(value["EXECUTOR_TYPE"]).strip().lower()
-        if kind not in EXECUTOR_TYPES:
-            raise ValueError(
-                f"{self._key('EXECUTOR_TYPE')} = {value['EXECUTOR_TYPE']!r} is not a valid"
-                f" executor type; choose one of {', '.join(map(repr, EXECUTOR_TYPES))}"
-            )
-        start_method = value["EXECUTOR_START_METHOD"]
-        if start_method is not None and start_method not in START_METHODS:
-            raise ValueError(
-                f"{self._key('EXECUTOR_START_METHOD')} = {start_method!r} is not a start"
-                f" method; choose one of {', '.join(map(repr, START_METHODS))}"
-            )
+        value = settings.read(app.config, self._prefix)
+        kind, start_method = value["EXECUTOR_TYPE"], value["EXECUTOR_START_METHOD"]
         # Dask workers may be other machines: secrets stay home unless included.
         config_rules = ConfigRules.from_config(
             value["EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE"],
@@ -216,28 +157,27 @@ class Executor(concurrent.futures.Executor):
         if problem is not None:
             raise RuntimeError(f"{self._key('EXECUTOR_TYPE')} = {kind!r}: {problem}")
         options = BackendOptions(
-            max_workers=self._int(value, "EXECUTOR_MAX_WORKERS"),
-            task_timeout=self._float(value, "EXECUTOR_TASK_TIMEOUT"),
-            shutdown_timeout=self._float(value, "EXECUTOR_SHUTDOWN_TIMEOUT"),
+            max_workers=value["EXECUTOR_MAX_WORKERS"],
+            task_timeout=value["EXECUTOR_TASK_TIMEOUT"],
+            shutdown_timeout=value["EXECUTOR_SHUTDOWN_TIMEOUT"],
             start_method=start_method,
-            max_tasks_per_child=self._int(value, "EXECUTOR_MAX_TASKS_PER_CHILD"),
+            max_tasks_per_child=value["EXECUTOR_MAX_TASKS_PER_CHILD"],
             dask_address=value["EXECUTOR_DASK_ADDRESS"],
             dask_security=value["EXECUTOR_DASK_SECURITY"],
-            worker_init=value["EXECUTOR_WORKER_INIT"] or None,
-            immediate_pickle=str2bool(value["EXECUTOR_IMMEDIATE_PICKLE"]),
+            worker_init=value["EXECUTOR_WORKER_INIT"],
+            immediate_pickle=value["EXECUTOR_IMMEDIATE_PICKLE"],
         )
         state = _AppState(
             kind=kind,
             options=options,
-            push_app_context=str2bool(value["EXECUTOR_PUSH_APP_CONTEXT"]),
-            propagate_exceptions=str2bool(value["EXECUTOR_PROPAGATE_EXCEPTIONS"]),
+            push_app_context=value["EXECUTOR_PUSH_APP_CONTEXT"],
+            propagate_exceptions=value["EXECUTOR_PROPAGATE_EXCEPTIONS"],
             config_rules=config_rules,
             # None: no limit.
-            max_body=self._int(value, "EXECUTOR_SNAPSHOT_MAX_BODY") or sys.maxsize,
+            max_body=value["EXECUTOR_SNAPSHOT_MAX_BODY"] or sys.maxsize,
             app_factory=value["EXECUTOR_APP_FACTORY"],
         )
-        max_length = self._int(value, "EXECUTOR_FUTURES_MAX_LENGTH")
-        ttl = self._float(value, "EXECUTOR_FUTURES_TTL")
+        max_length, ttl = value["EXECUTOR_FUTURES_MAX_LENGTH"], value["EXECUTOR_FUTURES_TTL"]
         self._open_store(app, value["EXECUTOR_STORE"], value["EXECUTOR_STORE_NAMESPACE"])
         with self._lock:
             self._states[app] = state
@@ -263,31 +203,6 @@ class Executor(concurrent.futures.Executor):
             namespace = namespace or f"{app.import_name}:{self.name or 'executor'}"
             store = open_store(url, namespace, app.instance_path, setting)
         self.futures._use_store(store, lambda: app.config.get("SECRET_KEY"), setting)
-
-    def _int(self, values: dict[str, Any], key: str) -> int | None:
-        number = self._number(values, key, int, "a whole number")
-        if number is not None and number < 1:
-            raise ValueError(f"{self._key(key)} = {values[key]!r} must be at least 1")
-        return None if number is None else int(number)
-
-    def _float(self, values: dict[str, Any], key: str) -> float | None:
-        number = self._number(values, key, float, "a number of seconds")
-        if number is not None and number <= 0:
-            raise ValueError(f"{self._key(key)} = {values[key]!r} must be more than 0")
-        return number
-
-    def _number(
-        self, values: dict[str, Any], key: str, kind: type[float], what: str
-    ) -> float | None:
-        """``values[key]`` as ``kind`` (strings from the environment welcome);
-        ``None`` or ``''`` for unset."""
-        raw = values[key]
-        if raw is None or raw == "":
-            return None
-        try:
-            return kind(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"{self._key(key)} = {raw!r} is not {what}") from None
 
     # -- which app ---------------------------------------------------------
 
