@@ -5,7 +5,7 @@
 * ``POST /signup`` submits ``send_email`` and answers at once; the task reads
   ``request.form`` and ``g.user`` from a copy of the view's context.
 
-Run it with ``python examples/quickstart/app.py``: it drives itself with
+Run it with ``.venv/bin/python examples/quickstart/app.py``: it drives itself with
 Flask's test client and prints what the tasks saw.
 """
 
