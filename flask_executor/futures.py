@@ -350,7 +350,7 @@ class FutureCollection:
                 self._prune()
             if self._store.shared:
                 self._ensure_watcher()
-        if self._store.shared and isinstance(future, FutureProxy):
+        if isinstance(future, FutureProxy):  # every store records when a task started
             future._listener = functools.partial(self._on_event, task_id)
             if future.running():
                 self._on_event(task_id, "running", None)
@@ -372,7 +372,7 @@ class FutureCollection:
     def _on_event(self, task_id: str, kind: str, data: Any) -> None:
         if kind == "running":
             self._write(task_id, state="running", started_at=time.time())
-        elif kind == "meta":
+        elif kind == "meta" and self._store.shared:  # in memory, the future answers
             self._write(task_id, meta=dict(data))
 
     def _on_done(self, task_id: str, future: Future[Any]) -> None:

@@ -176,3 +176,23 @@ def test_state_names_match_the_status_endpoint() -> None:
         assert futures.state(key) == key
     with pytest.raises(KeyError):
         futures.state("missing")
+
+
+def test_memory_store_records_when_a_task_started_and_finished(
+    app: Any, make_thread_executor: Any, gates: Any
+) -> None:
+    """The dashboard and `flask executor show` read start times from the record,
+    with the default memory store too."""
+    from support import block_until, touch, wait_for_path, wait_until
+
+    executor = make_thread_executor(app)
+    started, gate = gates.new(), gates.new()
+    with app.app_context():
+        future = executor.submit_stored("job", block_until, started, gate, "done")
+    wait_for_path(started)
+    wait_until(lambda: executor.futures.record("job").started_at is not None)
+    touch(gate)
+    assert future.result(timeout=TIMEOUT) == "done"
+    wait_until(lambda: executor.futures.record("job").finished_at is not None)
+    record = executor.futures.record("job")
+    assert record.submitted_at <= record.started_at <= record.finished_at
