@@ -10,6 +10,7 @@ standard pickler cannot handle. :func:`dumps_call` adds the diagnosis that lets
 
 from __future__ import annotations
 
+import copy
 import copyreg
 import importlib
 import io
@@ -32,6 +33,7 @@ from .errors import SerializationError
 
 __all__ = [
     "copy_filestorage",
+    "deep_copy",
     "dumps",
     "dumps_call",
     "dumps_nested",
@@ -211,6 +213,41 @@ class _FastPickler(pickle.Pickler):
         FileStorage: _filestorage_reduce,
         LocalProxy: _proxy_reduce,
     }
+
+
+class _UseDeepcopy(Exception):
+    pass
+
+
+class _CopyPickler(pickle.Pickler):
+    """The pickler of :func:`deep_copy`: refuses objects whose class defines
+    ``__deepcopy__`` (their own idea of a copy). The C pickler does not call
+    :meth:`reducer_override` for plain ``dict``, ``list``, ``str``, ``int``
+    and the like, so plain data is copied at C speed."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if getattr(type(obj), "__deepcopy__", None) is not None:
+            raise _UseDeepcopy
+        return NotImplemented
+
+
+def deep_copy(value: object) -> Any:
+    """A deep copy of ``value``, as :func:`copy.deepcopy` makes it, faster.
+
+    A pickle round trip copies plain data several times faster, and for
+    anything else follows the same protocol as ``deepcopy``
+    (``__reduce_ex__``, ``copyreg``, shared references kept shared). Where it
+    would not give the same copy (an object with its own ``__deepcopy__``) or
+    cannot pickle (a lambda, a lock), ``copy.deepcopy`` makes it.
+
+    :raises Exception: what ``copy.deepcopy`` raises for ``value``.
+    """
+    buffer = io.BytesIO()
+    try:
+        _CopyPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        return pickle.loads(buffer.getbuffer())
+    except Exception:
+        return copy.deepcopy(value)
 
 
 def register_reducer(cls: type, reducer: Callable[[Any], Any], *, main_by_reference: bool) -> None:

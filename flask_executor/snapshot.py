@@ -17,7 +17,6 @@ This module imports nothing from the executor.
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import threading
@@ -35,7 +34,7 @@ from werkzeug.test import encode_multipart
 from werkzeug.wrappers import Request
 
 from .errors import BodyNotCapturedError, GAttributeNotCopiedError
-from .serialize import copy_filestorage, dumps, dumps_nested, loads, type_name
+from .serialize import copy_filestorage, deep_copy, dumps, dumps_nested, loads, type_name
 
 __all__ = ["RequestSnapshot", "Snapshot", "capture", "restore"]
 
@@ -50,11 +49,13 @@ class _NotCopyable(Exception):
 
 
 def _thread_copy(value: Any) -> Any:
-    """A deep copy for another thread; resources (locks, connections) raise."""
+    """A deep copy for another thread (a pickle round trip where that is the
+    same copy, see :func:`~flask_executor.serialize.deep_copy`); resources
+    (locks, connections) raise."""
     if type(value) in _ATOMIC:
         return value
     try:
-        return copy.deepcopy(value)
+        return deep_copy(value)
     except Exception as exc:
         raise _NotCopyable(type_name(value)) from exc
 

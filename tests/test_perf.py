@@ -1,0 +1,106 @@
+"""Performance properties that can be checked without timing (issue 13): what
+a pending thread task costs the garbage collector, how ``g`` is copied, what
+a process task sends down its pipe. No assertion here is on a duration."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import gc
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, g, request
+
+from flask_executor import Executor
+
+#: GC-tracked objects per pending thread task; the stdlib pool's work item and
+#: Future are about 12 (the Future's Condition and RLock alone are 8), before
+#: the fix it was 30.
+MAX_TRACKED_PER_PENDING_TASK = 21
+
+
+def _read_context() -> tuple[str, Any]:
+    return request.args["a"], g.user
+
+
+def _tracked_per_pending_task(app: Flask, executor: Executor, n: int = 500) -> float:
+    release = threading.Event()
+    with app.test_request_context("/?a=1"):
+        g.user = "alice"
+        blocker = executor.submit(release.wait, 30)  # the only worker waits on it
+        try:
+            executor.submit(_read_context)
+            gc.collect()
+            before = collections.Counter(map(type, gc.get_objects()))
+            futures = [executor.submit(_read_context) for _ in range(n)]
+            gc.collect()
+            after = collections.Counter(map(type, gc.get_objects()))
+        finally:
+            release.set()
+        assert blocker.result(30) is True
+        assert [f.result(30) for f in futures] == [("1", "alice")] * n
+    return sum((after - before).values()) / n
+
+
+def test_pending_thread_task_is_few_gc_objects(
+    app: Flask, shutdown_after: Callable[[Executor], Executor]
+) -> None:
+    app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
+    executor = shutdown_after(Executor(app))
+    per_task = _tracked_per_pending_task(app, executor)
+    assert per_task <= MAX_TRACKED_PER_PENDING_TASK, per_task
+
+
+class _OwnCopy:
+    """Defines its own deep copy: it must be used, as ``copy.deepcopy`` would."""
+
+    def __init__(self) -> None:
+        self.copied = False
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _OwnCopy:
+        twin = _OwnCopy()
+        twin.copied = True
+        return twin
+
+
+def _g_copies() -> dict[str, Any]:
+    data = g.data
+    shared_kept = data["pair"][0] is data["pair"][1]
+    data["rows"].append("from the task")  # must not reach the view's g
+    return {
+        "rows": len(data["rows"]),
+        "shared_kept": shared_kept,
+        "own_copy": g.own.copied,
+        "fn": data["fn"](2),
+    }
+
+
+def test_thread_g_is_copied_faithfully_without_deepcopy_for_plain_data(
+    app: Flask, shutdown_after: Callable[[Executor], Executor], monkeypatch: Any
+) -> None:
+    app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
+    executor = shutdown_after(Executor(app))
+    deepcopied: list[str] = []
+    real_deepcopy = copy.deepcopy
+
+    def counting_deepcopy(value: Any, memo: Any = None) -> Any:
+        if memo is None:  # a top-level call, not deepcopy's own recursion
+            deepcopied.append(type(value).__name__)
+        return real_deepcopy(value, memo)
+
+    with app.test_request_context("/"):
+        shared = ["x"]
+        rows = [{"id": i, "name": f"row {i}", "tags": ["a", "b"]} for i in range(5000)]
+        g.plain = {"rows": rows}  # about 1 MB of plain data: copied by pickle
+        g.data = {"rows": ["a", "b"], "pair": [shared, shared], "fn": lambda x: x * 21}
+        g.own = _OwnCopy()
+        monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
+        result = executor.submit(_g_copies).result(30)
+        monkeypatch.undo()
+        assert g.data["rows"] == ["a", "b"]
+    assert result == {"rows": 3, "shared_kept": True, "own_copy": True, "fn": 42}
+    # Only the values pickle cannot copy faithfully went through deepcopy:
+    # the lambda's dict and the object with its own __deepcopy__, not g.plain.
+    assert sorted(deepcopied) == ["_OwnCopy", "dict"], deepcopied
