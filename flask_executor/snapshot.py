@@ -301,7 +301,12 @@ def _request_reduce(max_body: int, copier: Any, for_thread: bool) -> RequestSnap
     environ.pop("werkzeug.request", None)
     # The thread copy is taken before the body is read (and cached on the
     # view's request), so it never inherits a partial read of it.
-    live = _shallow_copy(req) if for_thread else None
+    live = None
+    if for_thread:
+        # Parsed once here, not in every task: the query args are an
+        # immutable MultiDict, made from the environ every copy shares.
+        req.args  # noqa: B018
+        live = _shallow_copy(req)
     body, missing = _body_reduce(req, environ, max_body, reencode=not for_thread)
     environ["wsgi.input"] = _MissingBody(missing) if body is None else io.BytesIO(body)
     attrs, omitted_attrs = _filter(_custom_attrs(req), copier)
