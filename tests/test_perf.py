@@ -8,6 +8,7 @@ import collections
 import copy
 import gc
 import threading
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -104,3 +105,34 @@ def test_thread_g_is_copied_faithfully_without_deepcopy_for_plain_data(
     # Only the values pickle cannot copy faithfully went through deepcopy:
     # the lambda's dict and the object with its own __deepcopy__, not g.plain.
     assert sorted(deepcopied) == ["_OwnCopy", "dict"], deepcopied
+
+
+def _same(data: bytes) -> bytes:
+    return data
+
+
+def test_process_large_argument_and_result_are_not_pickled_twice(
+    app: Flask, shutdown_after: Callable[[Executor], Executor]
+) -> None:
+    """The web process holds at most the raw pool's copies of a large argument
+    and result: the payload it sends, then the bytes it receives and the
+    result rebuilt from them (2), and nothing once the result is dropped."""
+    app.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+    executor = shutdown_after(Executor(app))
+    assert executor.submit(_same, b"up").result(60) == b"up"  # the worker is started
+    size = 16 * 1024 * 1024
+    data = b"x" * size
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = executor.submit(_same, data).result(60)
+        peak = tracemalloc.get_traced_memory()[1] - base
+        assert result == data
+        del result
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert peak / size < 2.5, f"peak {peak / size:.2f} copies"
+    assert held / size < 0.25, f"held {held / size:.2f} copies after del result"

@@ -9,17 +9,26 @@ what the socket cannot take now, and :meth:`Channel.receive` keeps a partial
 message until the rest arrives. A worker that is frozen (SIGSTOP, a debugger)
 therefore never blocks the thread that submits to it or the dispatcher that
 reads from it: its bytes simply wait.
+
+A message is a pickled tuple; a task's payload and its result travel as a
+*split* message instead (:func:`send_parts` / :meth:`Channel.send` with a
+``body``, read back by :func:`decode`): a zero byte, the length of a pickled
+header tuple, the header, then the body's bytes as they are. A pickle never
+starts with a zero byte, so both kinds share the framing, and the bytes that
+are already a pickle (the call, the result) are not pickled a second time.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import struct
 from collections import deque
 from multiprocessing.connection import Connection
+from typing import Any
 
-__all__ = ["Channel", "channel_pair"]
+__all__ = ["Channel", "channel_pair", "decode", "send_parts", "split_header"]
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -28,6 +37,48 @@ _SMALL = 16384
 _READ = 1 << 16
 #: Incomplete messages at least this large are read into a buffer of their own.
 _LARGE = 1 << 20
+_SPLIT = struct.Struct("!BI")  # 0, then the header's length
+
+
+def _frame(size: int) -> bytes:
+    if size > 0x7FFFFFFF:
+        return _SHORT.pack(-1) + _LONG.pack(size)
+    return _SHORT.pack(size)
+
+
+def split_header(header: tuple[Any, ...]) -> bytes:
+    """The start of a split message whose body follows: see the module's
+    docstring."""
+    data = pickle.dumps(header, pickle.HIGHEST_PROTOCOL)
+    return _SPLIT.pack(0, len(data)) + data
+
+
+def decode(data: bytes | bytearray) -> tuple[Any, ...]:
+    """A message as a tuple; a split message's body is appended to its
+    header, as a :class:`memoryview` of ``data`` (no copy)."""
+    if not data or data[0] != 0:
+        return pickle.loads(data)  # type: ignore[no-any-return]
+    _, size = _SPLIT.unpack_from(data)
+    view = memoryview(data)
+    start = _SPLIT.size
+    header: tuple[Any, ...] = pickle.loads(view[start : start + size])
+    return (*header, view[start + size :])
+
+
+def send_parts(conn: Connection, header: tuple[Any, ...], body: bytes | memoryview) -> None:
+    """Send ``header`` and ``body`` as one split message over a worker's
+    blocking connection, ``body`` written from where it is (no copy)."""
+    head = split_header(header)
+    with memoryview(body) as view:
+        parts = [memoryview(_frame(len(head) + view.nbytes) + head), view.cast("B")]
+        fd = conn.fileno()
+        while parts:
+            sent = os.writev(fd, parts)
+            while parts and sent >= parts[0].nbytes:
+                sent -= parts[0].nbytes
+                parts.pop(0)
+            if sent:
+                parts[0] = parts[0][sent:]
 
 
 def channel_pair() -> tuple[Channel, Connection]:
@@ -65,21 +116,23 @@ class Channel:
         """Bytes are waiting for the socket to take them."""
         return bool(self._out)
 
-    def send(self, data: bytes) -> None:
-        """Queue one message and send what the socket takes now.
+    def send(self, data: bytes, body: bytes | None = None) -> None:
+        """Queue one message and send what the socket takes now. With
+        ``body``, ``data`` is a :func:`split_header` and ``body`` is sent
+        after it as it is.
 
         :raises OSError: the worker's end is closed.
         """
-        size = len(data)
-        if size > 0x7FFFFFFF:
-            header = _SHORT.pack(-1) + _LONG.pack(size)
-        else:
-            header = _SHORT.pack(size)
+        size = len(data) + (0 if body is None else len(body))
+        header = _frame(size)
         if size < _SMALL:
-            self._out.append(memoryview(header + data))
-        else:
+            self._out.append(memoryview(header + data + (body or b"")))
+        elif body is None:
             self._out.append(memoryview(header))
             self._out.append(memoryview(data))
+        else:
+            self._out.append(memoryview(header + data))  # a split header: small
+            self._out.append(memoryview(body))
         self.flush()
 
     def flush(self) -> None:

@@ -26,6 +26,7 @@ from ..errors import SerializationError
 from ..serialize import dumps, import_object, loads, type_name
 from ..snapshot import Snapshot, restore
 from ..tasks import Publisher, TaskHandle, _current_task, forward_logs
+from ._channel import decode, send_parts
 
 __all__ = ["Outcome", "RemoteTraceback", "rebuild_outcome", "release", "run_call", "worker_main"]
 
@@ -62,7 +63,7 @@ def _error(exc: BaseException, wrap: str | None = None) -> Outcome:
 
 
 def run_call(
-    payload: bytes,
+    payload: bytes | memoryview,
     spec: AppSpec | None,
     push_context: bool,
     chunked: bool = False,
@@ -237,6 +238,13 @@ def _serve(conn: Connection, worker_init: str | None) -> None:
         with send_lock:
             conn.send_bytes(data)
 
+    def send_outcome(task_id: int, outcome: Outcome) -> None:
+        if outcome[0] != "ok":
+            send(("done", task_id, outcome))
+            return
+        with send_lock:  # the result's pickle as it is: not wrapped in another
+            send_parts(conn, ("result", task_id), outcome[1])
+
     spec: AppSpec | None = None
     spec_version = ""
     spec_error: Exception | None = None
@@ -247,7 +255,7 @@ def _serve(conn: Connection, worker_init: str | None) -> None:
         send(("ready",))
     while True:
         try:
-            message = pickle.loads(conn.recv_bytes())
+            message = decode(conn.recv_bytes())
         except (EOFError, OSError):
             return
         kind = message[0]
@@ -267,7 +275,7 @@ def _serve(conn: Connection, worker_init: str | None) -> None:
                 started = True
                 send(("ready",))
             continue
-        _, task_id, payload, app_version, push_context, chunked = message
+        _, task_id, app_version, push_context, chunked, payload = message
         send(("took", task_id))  # from here on, a death of this worker is the task's
 
         def publish(kind: str, data: Any, task_id: int = task_id) -> None:
@@ -280,4 +288,5 @@ def _serve(conn: Connection, worker_init: str | None) -> None:
             )
         else:
             outcome = run_call(payload, spec, push_context, chunked, publish)
-        send(("done", task_id, outcome))
+        del message, payload
+        send_outcome(task_id, outcome)

@@ -26,6 +26,7 @@ down. The behaviour is described in ``docs/reliability.rst``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -46,7 +47,7 @@ from ..futures import FutureProxy
 from ..serialize import type_name
 from ..tasks import log_record_restore
 from . import Backend, BackendOptions, PickledTask, cancel_and_notify, settle
-from ._channel import Channel, channel_pair
+from ._channel import Channel, channel_pair, decode, split_header
 from ._start import (
     check_main_guard,
     death_error,
@@ -270,19 +271,8 @@ class _Pool:
         try:
             if task.push_context and worker.app_version != task.app_version:
                 self._send_app(worker, task)
-            worker.channel.send(
-                pickle.dumps(
-                    (
-                        "call",
-                        item.task_id,
-                        task.payload,
-                        task.app_version,
-                        task.push_context,
-                        task.chunked,
-                    ),
-                    pickle.HIGHEST_PROTOCOL,
-                )
-            )
+            header = ("call", item.task_id, task.app_version, task.push_context, task.chunked)
+            worker.channel.send(split_header(header), task.payload)  # the payload as it is
         except OSError:
             worker.broken = True
             worker.item = None
@@ -449,7 +439,7 @@ class _Pool:
 
     def _receive(self, worker: _Worker) -> None:
         for data in worker.channel.receive():
-            self._handle(worker, pickle.loads(data))
+            self._handle(worker, decode(data))
             if worker not in self._workers:
                 return
         if worker.channel.closed:
@@ -461,10 +451,17 @@ class _Pool:
             worker.ready = True
             self._failed_starts = 0
         elif kind == "took":
-            if worker.item is not None and worker.item.task_id == message[1]:
-                worker.item.taken = True
+            item = worker.item
+            if item is not None and item.task_id == message[1]:
+                item.taken = True
+                # The worker has the call and will never need it again (a task it
+                # took is not delivered again): the web process no longer holds a
+                # copy of a large argument while the task runs.
+                item.task = dataclasses.replace(item.task, payload=b"")
         elif kind == "done":
             self._complete(worker, message[1], message[2])
+        elif kind == "result":  # a split message: the result's pickle is its body
+            self._complete(worker, message[1], ("ok", message[2]))
         elif kind == "meta":
             if worker.item is not None and worker.item.task_id == message[1]:
                 worker.item.future._merge_meta(message[2])
@@ -513,7 +510,7 @@ class _Pool:
             for data in worker.channel.receive():
                 if worker.item is None and (worker.ready or worker.failure):
                     break
-                self._handle(worker, pickle.loads(data))
+                self._handle(worker, decode(data))
         except (EOFError, OSError, pickle.UnpicklingError):
             pass
         worker.process.join(1.0)
