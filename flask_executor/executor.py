@@ -355,8 +355,13 @@ class Executor(concurrent.futures.Executor):
         order, each item run with its own copy of the context.
 
         With a process or Dask backend, ``chunksize`` items travel together
-        in one payload; each still runs in its own context. On Dask a
-        ``chunksize`` of 1 is raised to about four chunks per worker.
+        in one payload; each still runs in its own context. With processes
+        and on Dask a ``chunksize`` of 1 is raised to about four chunks per
+        worker (processes: at most 256 items a chunk, and never with
+        ``EXECUTOR_TASK_TIMEOUT`` set, so that the time limit stays per item).
+
+        .. versionchanged:: 2.0
+            Process mode chooses the chunk size when ``chunksize`` is 1.
         """
         return self._map(fn, iterables, timeout, chunksize)
 

@@ -113,6 +113,19 @@ class Snapshot:
             }
         return state
 
+    def for_one_item(self) -> Snapshot:
+        """A snapshot for one item of a chunk, whose items share one unpickled
+        snapshot: fresh copies of what a task can change in place (the
+        request's custom attributes, the session's values); the rest is
+        shared, as restoring never changes it (``g`` holds atomic values and
+        pickles unpickled per task, the environ is copied per request)."""
+        req = self.request
+        if req is None or not (req.attrs or req.session):
+            return self
+        attrs = deep_copy(req.attrs) if req.attrs else req.attrs
+        session_data = deep_copy(req.session) if req.session else req.session
+        return replace(self, request=replace(req, attrs=attrs, session=session_data))
+
     def picklable(self) -> Snapshot:
         """A copy without the values that cannot be pickled (they are listed
         as omitted, so reading them in the task says why they are missing)."""

@@ -12,7 +12,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, g, request
+from flask import Flask, g, request, session
 
 from flask_executor import Executor
 
@@ -136,3 +136,41 @@ def test_process_large_argument_and_result_are_not_pickled_twice(
         tracemalloc.stop()
     assert peak / size < 2.5, f"peak {peak / size:.2f} copies"
     assert held / size < 0.25, f"held {held / size:.2f} copies after del result"
+
+
+def _chunk_item(i: int) -> tuple[int, list[int], list[str], list[int]]:
+    """Mutates in place what it was given of g, the request and the session:
+    nothing of it may reach the next item of the same chunk."""
+    g.rows.append(i)
+    request.tags.append(f"t{i}")  # type: ignore[attr-defined]
+    session["cart"].append(i)
+    return i, list(g.rows), list(request.tags), list(session["cart"])  # type: ignore[attr-defined]
+
+
+def test_chunk_items_get_their_own_context_without_deepcopying_the_snapshot(
+    app: Flask, shutdown_after: Callable[[Executor], Executor], monkeypatch: Any
+) -> None:
+    """The items of one chunk share one snapshot: each gets fresh copies of
+    what a task can change in place, not a deep copy of the whole snapshot
+    (environ and all) per item."""
+    from flask_executor.snapshot import Snapshot
+
+    app.config.update(SECRET_KEY="test", EXECUTOR_TYPE="immediate", EXECUTOR_IMMEDIATE_PICKLE=True)
+    executor = shutdown_after(Executor(app))
+    deepcopied: list[type] = []
+    real_deepcopy = copy.deepcopy
+
+    def counting_deepcopy(value: Any, memo: Any = None) -> Any:
+        deepcopied.append(type(value))
+        return real_deepcopy(value, memo)
+
+    with app.test_request_context("/?x=1"):
+        g.rows = [-1]
+        request.tags = ["view"]  # type: ignore[attr-defined]
+        session["cart"] = [0]
+        monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
+        results = list(executor.map(_chunk_item, range(6), chunksize=3, timeout=30))
+        monkeypatch.undo()
+        assert (g.rows, request.tags, session["cart"]) == ([-1], ["view"], [0])  # type: ignore[attr-defined]
+    assert results == [(i, [-1, i], ["view", f"t{i}"], [0, i]) for i in range(6)]
+    assert Snapshot not in deepcopied

@@ -9,7 +9,6 @@ break the worker or the pool.
 from __future__ import annotations
 
 import contextvars
-import copy
 import logging
 import os
 import pickle
@@ -80,9 +79,10 @@ def run_call(
     try:
         app = restore_app(spec) if push_context and spec is not None else None
         if chunked:
+            # Each item in its own context, from a pristine copy of the shared snapshot.
             result = [
-                _call(app, copy.deepcopy(snap) if index else snap, fn, item, kwargs)
-                for index, item in enumerate(args[0])
+                _call(app, None if snap is None else snap.for_one_item(), fn, item, kwargs)
+                for item in args[0]
             ]
         else:
             result = _call(app, snap, fn, args, kwargs)

@@ -108,6 +108,10 @@ class _Worker:
         self.events = selectors.EVENT_READ
 
 
+#: The largest chunk ``map`` makes by itself (a ``chunksize`` left at 1).
+MAX_AUTO_CHUNK = 256
+
+
 class ProcessBackend(Backend):
     """Runs pickled tasks in ``max_workers`` processes (default: CPU count)."""
 
@@ -123,6 +127,15 @@ class ProcessBackend(Backend):
 
     def submit(self, future: FutureProxy[Any], task: PickledTask) -> None:
         self._pool.submit(future, task)
+
+    def map_chunksize(self, items: int) -> int:
+        """About four chunks per worker, at most :data:`MAX_AUTO_CHUNK` items
+        each: one round trip per item costs more than the item. With
+        ``EXECUTOR_TASK_TIMEOUT`` set, 1: the time limit stays per item."""
+        if self.options.task_timeout:
+            return 1
+        workers = self._pool._max_workers
+        return max(1, min(MAX_AUTO_CHUNK, -(-items // (4 * workers))))
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
