@@ -174,3 +174,31 @@ def test_chunk_items_get_their_own_context_without_deepcopying_the_snapshot(
         assert (g.rows, request.tags, session["cart"]) == ([-1], ["view"], [0])  # type: ignore[attr-defined]
     assert results == [(i, [-1, i], ["view", f"t{i}"], [0, i]) for i in range(6)]
     assert Snapshot not in deepcopied
+
+
+def _square_in_request(i: int) -> tuple[int, str]:
+    return i * i, request.args["x"]
+
+
+def test_process_map_chunks_by_itself_unless_a_time_limit_applies(
+    app: Flask, shutdown_after: Callable[[Executor], Executor]
+) -> None:
+    from flask_executor.signals import task_submitted
+
+    app.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
+    app.config.update(LIMITED_EXECUTOR_TYPE="process", LIMITED_EXECUTOR_MAX_WORKERS=2)
+    app.config.update(LIMITED_EXECUTOR_TASK_TIMEOUT=60)
+    executors = [shutdown_after(Executor(app)), shutdown_after(Executor(app, name="limited"))]
+    submitted: list[Any] = []
+
+    def count(sender: Flask, **kw: Any) -> None:
+        submitted.append(kw["future"])
+
+    counts = []
+    with task_submitted.connected_to(count, app), app.test_request_context("/?x=map"):
+        for executor in executors:
+            submitted.clear()
+            results = list(executor.map(_square_in_request, range(200), timeout=60))
+            assert results == [(i * i, "map") for i in range(200)]
+            counts.append(len(submitted))
+    assert counts == [8, 200]  # 4 chunks per worker; per item with a time limit
