@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Flask, current_app, g, request
 
-__all__ = ["ctx_fib", "ctx_task", "fib", "floor_task", "raw_task"]
+__all__ = ["ctx_fib", "ctx_task", "fib", "floor_task", "identity", "raw_task", "small_g_task"]
 
 RAW_RESULT = 42
 
@@ -56,3 +56,13 @@ def ctx_fib(n: int) -> int:
     if not g.user or "a" not in request.args:
         raise RuntimeError("the task did not get its request context")
     return fib(n)
+
+
+def identity(x: Any) -> Any:
+    """A trivial task for ``map`` and for large round trips: returns its argument."""
+    return x
+
+
+def small_g_task() -> bool:
+    """Reads ``g.payload`` (a small string or a large dict): a context is required."""
+    return g.payload is not None

@@ -33,10 +33,13 @@ from _dask import section_dask
 from _external import cold_start, compare_v1
 from _store import section_store
 from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
+from _throughput import section_throughput
 from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
 from _upload import section_upload
 
-SECTIONS = ("thread", "process", "config", "cpu", "cold", "dask", "store", "upload")
+SECTIONS = (
+    "thread", "process", "config", "cpu", "cold", "dask", "store", "upload", "throughput",
+)  # fmt: skip
 TITLES = {
     "thread": "1. thread pool: full context vs raw ThreadPoolExecutor",
     "process": "2. process pool: full context vs raw ProcessPoolExecutor",
@@ -47,6 +50,7 @@ TITLES = {
     "compare": "7. Flask-Executor 1.0, each version against its own raw pool",
     "store": "8. task stores: submit_stored + poll + pop per task, vs the memory store",
     "upload": "9. a large upload passed to a process task: web-process memory",
+    "throughput": "10. throughput: many tasks, map, large values, a large g",
 }
 CTX_RESULT = ("bench-value", "1", "alice")
 #: A section running longer than this is taken for a hang: every thread's
@@ -424,6 +428,10 @@ INFO = (
     ("store", "sqlite_ratio", "stored task with the SQLite store / memory store"),
     ("store", "redis_ratio", "stored task with the Redis store / memory store"),
     ("upload", "time_ratio", "upload to a process task, time to result, ours/raw"),
+    ("throughput", "thread_batch_ratio", "thread: submit 20,000 then results, ours/raw"),
+    ("throughput", "thread_g_ratio", "thread: round trip with a 1 MB g / small g"),
+    ("throughput", "map_vs_raw1", "process map, default chunksize, ours/raw chunksize 1"),
+    ("throughput", "plain_vs_best", "process map, no context, ours/raw best chunksize"),
 )
 #: Flag a headline ratio as noisy when the round-by-round median or the ratio
 #: of the fast quarters differs from it by more than this.
@@ -592,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         "dask": lambda plan: section_dask(plan, make_app, in_request, sequential),
         "store": lambda plan: section_store(plan, make_app),
         "upload": lambda plan: section_upload(plan, make_app, ours_default_start_method()),
+        "throughput": lambda plan: section_throughput(
+            plan, make_app, in_request, ours_default_start_method()
+        ),
     }
     started = time.perf_counter()
     results: dict[str, Any] = {}

@@ -32,6 +32,7 @@ from werkzeug.local import LocalProxy
 from .errors import SerializationError
 
 __all__ = [
+    "ATOMIC",
     "copy_filestorage",
     "deep_copy",
     "dumps",
@@ -231,6 +232,10 @@ class _CopyPickler(pickle.Pickler):
         return NotImplemented
 
 
+#: Immutable types ``copy.deepcopy`` returns as they are.
+ATOMIC = (str, bytes, int, float, bool, type(None), complex)
+
+
 def deep_copy(value: object) -> Any:
     """A deep copy of ``value``, as :func:`copy.deepcopy` makes it, faster.
 
@@ -242,6 +247,12 @@ def deep_copy(value: object) -> Any:
 
     :raises Exception: what ``copy.deepcopy`` raises for ``value``.
     """
+    # A dict or list of atomic values only: deepcopy's copy is a shallow one.
+    if type(value) is dict:
+        if all(type(k) in ATOMIC and type(v) in ATOMIC for k, v in value.items()):
+            return value.copy()
+    elif type(value) is list and all(type(v) in ATOMIC for v in value):
+        return value.copy()
     buffer = io.BytesIO()
     try:
         _CopyPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)

@@ -34,13 +34,13 @@ from werkzeug.test import encode_multipart
 from werkzeug.wrappers import Request
 
 from .errors import BodyNotCapturedError, GAttributeNotCopiedError
-from .serialize import copy_filestorage, deep_copy, dumps, dumps_nested, loads, type_name
+from .serialize import ATOMIC, copy_filestorage, deep_copy, dumps, dumps_nested, loads, type_name
 
 __all__ = ["RequestSnapshot", "Snapshot", "capture", "restore"]
 
 logger = logging.getLogger("flask_executor")
 
-_ATOMIC = (str, bytes, int, float, bool, type(None), complex)
+_ATOMIC = ATOMIC
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 

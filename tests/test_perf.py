@@ -70,6 +70,7 @@ def _g_copies() -> dict[str, Any]:
     data = g.data
     shared_kept = data["pair"][0] is data["pair"][1]
     data["rows"].append("from the task")  # must not reach the view's g
+    g.flat["from"] = "the task"  # a dict of strings: copied shallowly, still a copy
     return {
         "rows": len(data["rows"]),
         "shared_kept": shared_kept,
@@ -97,10 +98,12 @@ def test_thread_g_is_copied_faithfully_without_deepcopy_for_plain_data(
         g.plain = {"rows": rows}  # about 1 MB of plain data: copied by pickle
         g.data = {"rows": ["a", "b"], "pair": [shared, shared], "fn": lambda x: x * 21}
         g.own = _OwnCopy()
+        g.flat = {f"k{i}": "v" * i for i in range(1000)}
         monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
         result = executor.submit(_g_copies).result(30)
         monkeypatch.undo()
         assert g.data["rows"] == ["a", "b"]
+        assert "from" not in g.flat
     assert result == {"rows": 3, "shared_kept": True, "own_copy": True, "fn": 42}
     # Only the values pickle cannot copy faithfully went through deepcopy:
     # the lambda's dict and the object with its own __deepcopy__, not g.plain.

@@ -1,0 +1,216 @@
+"""Section ``throughput`` of ``bench.py`` (issue 13): the cases beyond one
+round trip where users with real load look.
+
+- thread: ``N`` submits, then every result (20,000; 2,000 with ``--quick``),
+  raw ``ThreadPoolExecutor(2)`` against ours, interleaved rounds;
+- thread: a submit round trip with ``g`` holding a 1 MB dict, against a small
+  ``g`` (how ``g`` is copied);
+- process: ``executor.map(identity, range(N))`` with the default chunksize
+  (100,000 items; 10,000 with ``--quick``), against the raw pool's ``map``
+  with its default chunksize of 1 (on a tenth of the items: it is slow) and
+  with the best chunk (four per worker), and against ours with
+  ``EXECUTOR_PUSH_APP_CONTEXT = False``; per item;
+- process: a 100 MB bytes argument returned as the result (20 MB with
+  ``--quick``): time, and the web process's peak of :mod:`tracemalloc` in
+  copies of the bytes, and what it still holds after ``del result``.
+
+Every figure is a median over rounds; the ratios are against the raw pool in
+the same run.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+from _tasks import ctx_task, identity, raw_task, small_g_task
+from _timing import RESULT_TIMEOUT, Runner, interleave, ratio_block
+
+MiB = 1024 * 1024
+
+
+def _all_results(submit: Callable[[], Future[Any]], n: int) -> list[float]:
+    start = time.perf_counter()
+    futures = [submit() for _ in range(n)]
+    for future in futures:
+        future.result(RESULT_TIMEOUT)
+    return [(time.perf_counter() - start) / n]
+
+
+def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -> dict[str, Any]:
+    from flask import g
+
+    from flask_executor import Executor
+
+    quick = plan.quick
+    out: dict[str, Any] = {}
+    # -- thread: N submits, then results ---------------------------------------------
+    n = 2000 if quick else 20000
+    app = make_app(
+        "bench_throughput_thread", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2
+    )
+    executor = Executor(app)
+    raw = ThreadPoolExecutor(max_workers=2)
+    big = {f"k{i}": f"{i:08d}" * 12 for i in range(10000)}  # about 1 MB of strings
+
+    def with_g(value: Any, submit: Callable[[], Any]) -> Any:
+        def inner() -> Any:
+            g.payload = value
+            return submit()
+
+        return inner
+
+    try:
+        runners: list[tuple[str, Runner]] = [
+            ("raw", lambda k: _all_results(lambda: raw.submit(raw_task), k)),
+            ("ours", lambda k: in_request(app, lambda: _all_results(
+                lambda: executor.submit(ctx_task), k))),
+        ]  # fmt: skip
+        for _, runner in runners:
+            runner(200)
+        print(f"  thread: submit {n}, then every result; per task, 3 rounds")
+        labels = {"raw": "raw ThreadPoolExecutor(2), raw_task",
+                  "ours": "ours thread(2), ctx_task in request"}  # fmt: skip
+        block = ratio_block(interleave(runners, 1 if quick else 3, n), "raw", labels)
+        out["thread_batch"] = block
+        out["thread_batch_ratio"] = block["ours"]["ratio"]
+
+        def round_trips(value: Any) -> Runner:
+            def run(k: int) -> list[float]:
+                def go() -> list[float]:
+                    g.payload = value
+                    times = []
+                    for _ in range(k):
+                        start = time.perf_counter()
+                        executor.submit(small_g_task).result(RESULT_TIMEOUT)
+                        times.append(time.perf_counter() - start)
+                    return times
+
+                return in_request(app, go)  # type: ignore[no-any-return]
+
+            return run
+
+        g_runners = [("small", round_trips("small")), ("big", round_trips(big))]
+        print("\n  thread: submit + result with g holding a 1 MB dict vs a string")
+        g_labels = {"small": "ours thread, g.payload = 'small'",
+                    "big": "ours thread, g.payload = 1 MB dict"}  # fmt: skip
+        g_block = ratio_block(interleave(g_runners, 5 if quick else 15, 10), "small", g_labels)
+        out["thread_g"] = g_block
+        out["thread_g_ratio"] = g_block["big"]["ratio"]
+    finally:
+        executor.shutdown(wait=True)
+        raw.shutdown(wait=True)
+    # -- process: map ----------------------------------------------------------------
+    items = 10000 if quick else 100000
+    app = make_app(
+        "bench_throughput_process",
+        EXECUTOR_TYPE="process",
+        EXECUTOR_MAX_WORKERS=2,
+        PLAIN_EXECUTOR_TYPE="process",
+        PLAIN_EXECUTOR_MAX_WORKERS=2,
+        PLAIN_EXECUTOR_PUSH_APP_CONTEXT=False,
+    )
+    ours, plain = Executor(app), Executor(app, name="plain")
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context(method))
+    try:
+        best = -(-items // 8)
+
+        def timed_map(run: Callable[[int], list[Any]], count: int) -> Runner:
+            def runner(_: int) -> list[float]:
+                start = time.perf_counter()
+                results = run(count)
+                elapsed = time.perf_counter() - start
+                if results != list(range(count)):
+                    raise AssertionError("map returned wrong results")
+                return [elapsed / count]
+
+            return runner
+
+        map_runners: list[tuple[str, Runner]] = [
+            ("raw1", timed_map(lambda c: list(pool.map(identity, range(c))), items // 10)),
+            ("raw_best", timed_map(
+                lambda c: list(pool.map(identity, range(c), chunksize=best)), items)),
+            ("ours", timed_map(lambda c: in_request(app, lambda: list(
+                ours.map(identity, range(c), timeout=RESULT_TIMEOUT))), items)),
+            ("plain", timed_map(
+                lambda c: list(plain.map(identity, range(c), timeout=RESULT_TIMEOUT)), items)),
+        ]  # fmt: skip
+        for _, runner in map_runners:
+            runner(0)  # warm-up: start the workers
+        map_labels = {
+            "raw1": f"raw ProcessPoolExecutor(2).map, chunksize 1 ({items // 10} items)",
+            "raw_best": f"raw ProcessPoolExecutor(2).map, chunksize {best}",
+            "ours": "ours process(2) map, default chunksize, in request",
+            "plain": "ours process(2) map, default, PUSH_APP_CONTEXT=False",
+        }
+        print(f"\n  process: map(identity, range({items})); per item, 3 rounds")
+        block = ratio_block(interleave(map_runners, 1 if quick else 3, 1), "raw1", map_labels)
+        out["process_map"] = block
+        out["map_vs_raw1"] = block["ours"]["ratio"]
+        out["map_us_per_item"] = block["ours"]["median"] * 1e6
+        out["plain_vs_best"] = block["plain"]["median"] / block["raw_best"]["median"]
+        # -- process: a large argument and result --------------------------------------
+        size = (20 if quick else 100) * MiB
+        out["large"] = _large_round_trip(pool, ours, app, in_request, size, 1 if quick else 3)
+    finally:
+        ours.shutdown(wait=True)
+        plain.shutdown(wait=True)
+        pool.shutdown(wait=True)
+    return out
+
+
+def _large_round_trip(
+    pool: ProcessPoolExecutor, ours: Any, app: Any, in_request: Any, size: int, rounds: int
+) -> dict[str, Any]:
+    data = b"x" * size
+    variants: dict[str, Callable[[], Future[Any]]] = {
+        "raw": lambda: pool.submit(identity, data),
+        "ours": lambda: ours.submit(identity, data),
+    }
+    figures: dict[str, dict[str, list[float]]] = {
+        name: {"seconds": [], "peak": [], "held": []} for name in variants
+    }
+    for _ in range(rounds):
+        for name, submit in variants.items():
+            gc.collect()
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                start = time.perf_counter()
+                result = in_request(app, lambda submit=submit: submit().result(RESULT_TIMEOUT))
+                elapsed = time.perf_counter() - start
+                peak = tracemalloc.get_traced_memory()[1] - base
+                ok = result == data
+                del result
+                gc.collect()
+                held = tracemalloc.get_traced_memory()[0] - base
+            finally:
+                tracemalloc.stop()
+            if not ok:
+                raise AssertionError("the large round trip returned other bytes")
+            figures[name]["seconds"].append(elapsed)
+            figures[name]["peak"].append(peak / size)
+            figures[name]["held"].append(held / size)
+    medians = {
+        name: {key: statistics.median(values) for key, values in fig.items()}
+        for name, fig in figures.items()
+    }
+    print(f"\n  process: {size // MiB} MiB bytes argument returned as the result, {rounds} rounds")
+    for name, fig in medians.items():
+        print(
+            f"    {name:5s} {fig['seconds'] * 1e3:8.1f} ms   peak {fig['peak']:.2f} copies"
+            f"   held after del {fig['held']:.2f} copies"
+        )
+    return {
+        "size": size,
+        "figures": figures,
+        "medians": medians,
+        "time_ratio": medians["ours"]["seconds"] / medians["raw"]["seconds"],
+        "peak_ratio": medians["ours"]["peak"] / max(medians["raw"]["peak"], 1e-9),
+    }
