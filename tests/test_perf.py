@@ -10,23 +10,28 @@ import gc
 import threading
 import tracemalloc
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flask import Flask, g, request, session
 
 from flask_executor import Executor
 
-#: GC-tracked objects per pending thread task; the stdlib pool's work item and
-#: Future are about 12 (the Future's Condition and RLock alone are 8), before
-#: the fix it was 30.
-MAX_TRACKED_PER_PENDING_TASK = 21
+#: GC-tracked objects a pending thread task may cost beyond the stdlib pool's
+#: work item and Future (about 12 on Python 3.11, the Future's Condition and
+#: RLock alone are 8): the snapshot, the request copy and its environ, the
+#: task (9 on 3.11, where the raw pool costs 12; 9 on 3.10, where it costs 15).
+#: Before the fix it was 18 more.
+MAX_TRACKED_BEYOND_RAW = 10
 
 
 def _read_context() -> tuple[str, Any]:
     return request.args["a"], g.user
 
 
-def _tracked_per_pending_task(app: Flask, executor: Executor, n: int = 500) -> float:
+def _tracked_per_pending_task(
+    app: Flask, executor: Executor | ThreadPoolExecutor, n: int = 500
+) -> float:
     release = threading.Event()
     with app.test_request_context("/?a=1"):
         g.user = "alice"
@@ -41,7 +46,10 @@ def _tracked_per_pending_task(app: Flask, executor: Executor, n: int = 500) -> f
         finally:
             release.set()
         assert blocker.result(30) is True
-        assert [f.result(30) for f in futures] == [("1", "alice")] * n
+        if isinstance(executor, Executor):
+            assert [f.result(30) for f in futures] == [("1", "alice")] * n
+        else:  # no context: the task fails, which is not what is measured
+            assert all(f.exception(30) is not None for f in futures)
     return sum((after - before).values()) / n
 
 
@@ -51,7 +59,9 @@ def test_pending_thread_task_is_few_gc_objects(
     app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
     executor = shutdown_after(Executor(app))
     per_task = _tracked_per_pending_task(app, executor)
-    assert per_task <= MAX_TRACKED_PER_PENDING_TASK, per_task
+    with ThreadPoolExecutor(max_workers=1) as raw:  # its tasks fail: no context, same cost
+        raw_per_task = _tracked_per_pending_task(app, raw)
+    assert per_task - raw_per_task <= MAX_TRACKED_BEYOND_RAW, (per_task, raw_per_task)
 
 
 class _OwnCopy:
