@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +46,10 @@ class ThreadBackend(Backend):
         super().__init__(options)
         self._max_workers = options.max_workers or min(32, (os.cpu_count() or 1) + 4)
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
+        #: One token per thread waiting for work. A deque, not a semaphore:
+        #: its append and pop take no lock another thread can hold, so a
+        #: submit never waits for a worker thread to give the GIL back.
+        self._idle: deque[None] = deque()
         self._threads: list[threading.Thread] = []
         #: Futures a thread is running now.
         self._running: set[FutureProxy[Any]] = set()
@@ -63,7 +67,7 @@ class ThreadBackend(Backend):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._queue.put((future, task))
-            if not self._idle.acquire(timeout=0) and len(self._threads) < self._max_workers:
+            if not _take(self._idle) and len(self._threads) < self._max_workers:
                 thread = threading.Thread(
                     target=_work,
                     args=(
@@ -121,7 +125,7 @@ class ThreadBackend(Backend):
         which thread is busy is not tracked, only how many are."""
         with self._lock:
             threads = [thread for thread in self._threads if thread.is_alive()]
-        idle = getattr(self._idle, "_value", 0)  # threads waiting for work
+        idle = len(self._idle)  # threads waiting for work
         queued = self._queue.qsize() - (1 if self._shutdown else 0)
         pid = os.getpid()
         return {
@@ -136,6 +140,15 @@ class ThreadBackend(Backend):
         }
 
 
+def _take(idle: deque[None]) -> bool:
+    """Claim an idle thread's token; ``False`` if none is idle."""
+    try:
+        idle.pop()
+    except IndexError:
+        return False
+    return True
+
+
 def _wake_all(work_queue: queue.SimpleQueue[_Item | None], deadlines: _Deadlines) -> None:
     work_queue.put(None)
     deadlines.stop()
@@ -143,7 +156,7 @@ def _wake_all(work_queue: queue.SimpleQueue[_Item | None], deadlines: _Deadlines
 
 def _work(
     work_queue: queue.SimpleQueue[_Item | None],
-    idle: threading.Semaphore,
+    idle: deque[None],
     running: set[FutureProxy[Any]],
     deadlines: _Deadlines,
     default_timeout: float | None,
@@ -169,7 +182,7 @@ def _work(
             finally:
                 running.discard(future)
         del future, task
-        idle.release()
+        idle.append(None)
 
 
 class _Deadlines:
