@@ -243,6 +243,18 @@ def _cancel_if_cancelled(dask_future: Any, future: Any) -> None:
         dask_future.cancel()
 
 
+def _new_client(*args: Any, **kwargs: Any) -> Any:
+    """``distributed.Client(*args, **kwargs)``, tried once more when its
+    handshake fails distributed's own ``assert len(msg) == 1`` (seen when a
+    busy scheduler batches the stream start with another message while other
+    clients come and go). The half-made client closes itself when collected."""
+    try:
+        return distributed.Client(*args, **kwargs)
+    except AssertionError:
+        logger.warning("Dask client handshake failed an internal check; connecting again")
+        return distributed.Client(*args, **kwargs)
+
+
 class DaskBackend(Backend):
     """Runs pickled tasks on a Dask cluster: the one at ``EXECUTOR_DASK_ADDRESS``,
     or an embedded ``LocalCluster`` of ``max_workers`` single-threaded worker
@@ -272,7 +284,7 @@ class DaskBackend(Backend):
                 options = self.options
                 if options.dask_address:
                     _warn_if_plaintext(options.dask_address, options.dask_security)
-                    self._client = distributed.Client(
+                    self._client = _new_client(
                         options.dask_address,
                         security=options.dask_security,
                         set_as_default=False,
@@ -287,7 +299,7 @@ class DaskBackend(Backend):
                         host="127.0.0.1",
                         security=options.dask_security,
                     )
-                    self._client = distributed.Client(
+                    self._client = _new_client(
                         self._cluster, security=options.dask_security, set_as_default=False
                     )
                     logger.info(
