@@ -62,6 +62,8 @@ def busy(app: Flask, mount: Setup, gates: Gates) -> Iterator[tuple[Executor, Fla
         executor.submit_stored("slow", _step_then_wait, started, gate)
     wait_for_path(started)
     wait_until(lambda: executor.futures.meta("slow") == {"progress": 0.4, "stage": "render"})
+    # The records trail the futures by a write (done callbacks): wait for both ends.
+    wait_until(lambda: all(executor.futures.record(k).finished_at for k in ("done", "bad")))
     yield executor, client, gate
 
 

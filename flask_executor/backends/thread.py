@@ -125,7 +125,9 @@ class ThreadBackend(Backend):
         which thread is busy is not tracked, only how many are."""
         with self._lock:
             threads = [thread for thread in self._threads if thread.is_alive()]
-        idle = len(self._idle)  # threads waiting for work
+        # Running tasks, not busy threads: a thread that has just completed its
+        # task's future is not idle yet, but its task is no longer running.
+        busy = sum(1 for future in list(self._running) if not future.done())
         queued = self._queue.qsize() - (1 if self._shutdown else 0)
         pid = os.getpid()
         return {
@@ -135,7 +137,7 @@ class ThreadBackend(Backend):
                 {"name": t.name, "pid": pid, "busy": None, "tasks_run": None, "memory": None}
                 for t in threads
             ],
-            "busy": max(0, len(threads) - idle),
+            "busy": busy,
             "queue": max(0, queued),
         }
 
