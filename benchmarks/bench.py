@@ -33,12 +33,14 @@ from _dask import section_dask
 from _external import cold_start, compare_v1
 from _store import section_store
 from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
+from _load import section_load
 from _throughput import section_throughput
 from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
 from _upload import section_upload
 
 SECTIONS = (
     "thread", "process", "config", "cpu", "cold", "dask", "store", "upload", "throughput",
+    "load",
 )  # fmt: skip
 TITLES = {
     "thread": "1. thread pool: full context vs raw ThreadPoolExecutor",
@@ -51,6 +53,7 @@ TITLES = {
     "store": "8. task stores: submit_stored + poll + pop per task, vs the memory store",
     "upload": "9. a large upload passed to a process task: web-process memory",
     "throughput": "10. throughput: many tasks, map, large values, a large g",
+    "load": "11. process pool under a backlog: submit 10,000, then wait",
 }
 CTX_RESULT = ("bench-value", "1", "alice")
 #: A section running longer than this is taken for a hang: every thread's
@@ -432,6 +435,11 @@ INFO = (
     ("throughput", "thread_g_ratio", "thread: round trip with a 1 MB g / small g"),
     ("throughput", "map_vs_raw1", "process map, default chunksize, ours/raw chunksize 1"),
     ("throughput", "plain_vs_best", "process map, no context, ours/raw best chunksize"),
+    ("load", "ours_ratio", "process: submit {n:,} then wait, full context, ours/raw"),
+    ("load", "floor_ratio", "process: submit {n:,} then wait, Flask's floor/raw"),
+    ("load", "plain_ratio", "process: submit {n:,} then wait, no context, ours/raw"),
+    ("load", "pebble_ratio", "process: submit {n:,} then wait, Pebble/raw"),
+    ("load", "loky_ratio", "process: submit {n:,} then wait, loky/raw"),
 )
 #: Flag a headline ratio as noisy when the round-by-round median or the ratio
 #: of the fast quarters differs from it by more than this.
@@ -602,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
         "upload": lambda plan: section_upload(plan, make_app, ours_default_start_method()),
         "throughput": lambda plan: section_throughput(
             plan, make_app, in_request, ours_default_start_method()
+        ),
+        "load": lambda plan: section_load(
+            plan, make_app, in_request, ours_default_start_method(), raw_process_pool, warm
         ),
     }
     started = time.perf_counter()

@@ -170,9 +170,11 @@ class FutureProxy(Future[T], Generic[T]):
         .. versionchanged:: 2.0
             Running process tasks can be cancelled.
         """
-        if super().cancel():
-            return True
         stop = self._stop_running
+        if super().cancel():
+            if stop is not None:
+                stop()  # a backend that sent the task ahead takes it back
+            return True
         with self._condition:
             if self._state != RUNNING or stop is None:
                 return False

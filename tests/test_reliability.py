@@ -196,7 +196,9 @@ def test_cancel_running_process_task_kills_worker(
     pid = read_pid(pid_file)
     seen: list[bool] = []
     running.add_done_callback(lambda f: seen.append(f.cancelled()))
-    assert running.running()
+    # Running from when the web process hears the worker took it (just before
+    # the task's first line).
+    wait_until(running.running, timeout=5)
 
     assert running.cancel() is True
     assert running.cancelled()

@@ -28,7 +28,10 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["Channel", "channel_pair", "decode", "send_parts", "split_header"]
+__all__ = [
+    "Channel", "channel_pair", "control_pair", "decode", "framed", "send_parts", "split_header",
+    "split_parts", "write_parts",
+]  # fmt: skip
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -68,17 +71,32 @@ def decode(data: bytes | bytearray) -> tuple[Any, ...]:
 def send_parts(conn: Connection, header: tuple[Any, ...], body: bytes | memoryview) -> None:
     """Send ``header`` and ``body`` as one split message over a worker's
     blocking connection, ``body`` written from where it is (no copy)."""
+    write_parts(conn, split_parts(header, body))
+
+
+def split_parts(header: tuple[Any, ...], body: bytes | memoryview) -> list[memoryview]:
+    """A split message, framed, as the pieces to write (``body`` not copied)."""
     head = split_header(header)
-    with memoryview(body) as view:
-        parts = [memoryview(_frame(len(head) + view.nbytes) + head), view.cast("B")]
-        fd = conn.fileno()
-        while parts:
-            sent = os.writev(fd, parts)
-            while parts and sent >= parts[0].nbytes:
-                sent -= parts[0].nbytes
-                parts.pop(0)
-            if sent:
-                parts[0] = parts[0][sent:]
+    view = memoryview(body).cast("B")
+    return [memoryview(_frame(len(head) + view.nbytes) + head), view]
+
+
+def framed(data: bytes) -> memoryview:
+    """One plain message, framed, to write with :func:`write_parts`."""
+    return memoryview(_frame(len(data)) + data)
+
+
+def write_parts(conn: Connection, parts: list[memoryview]) -> None:
+    """Write ``parts`` over a worker's blocking connection, in one system call
+    where the socket takes them all."""
+    fd = conn.fileno()
+    while parts:
+        sent = os.writev(fd, parts)
+        while parts and sent >= parts[0].nbytes:
+            sent -= parts[0].nbytes
+            parts.pop(0)
+        if sent:
+            parts[0] = parts[0][sent:]
 
 
 def channel_pair() -> tuple[Channel, Connection]:
@@ -90,6 +108,17 @@ def channel_pair() -> tuple[Channel, Connection]:
     # with BlockingIOError), so say so explicitly.
     os.set_blocking(fd, True)
     return Channel(ours), Connection(fd)
+
+
+def control_pair() -> tuple[socket.socket, Connection]:
+    """The web process's end of a worker's control socket (non-blocking: a
+    worker that does not read it never blocks the dispatcher) and the
+    worker's end, read by its watcher thread."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    fd = theirs.detach()
+    os.set_blocking(fd, True)
+    return ours, Connection(fd)
 
 
 class Channel:

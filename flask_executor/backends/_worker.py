@@ -13,8 +13,10 @@ import logging
 import os
 import pickle
 import select
+import struct
 import threading
 import traceback
+from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -25,7 +27,7 @@ from ..errors import SerializationError
 from ..serialize import dumps, import_object, loads, type_name
 from ..snapshot import Snapshot, restore
 from ..tasks import Publisher, TaskHandle, _current_task, forward_logs
-from ._channel import decode, send_parts
+from ._channel import decode, framed, split_parts, write_parts
 
 __all__ = ["Outcome", "RemoteTraceback", "rebuild_outcome", "release", "run_call", "worker_main"]
 
@@ -173,6 +175,7 @@ def worker_main(
     log_level: int = logging.WARNING,
     inherited: tuple[int, ...] = (),
     worker_init: str | None = None,
+    control: Connection | None = None,
 ) -> None:
     """Entry point of a process worker: serve calls until told to stop or the
     web process is gone.
@@ -188,17 +191,79 @@ def worker_main(
     the app spec; the function runs in that app's context before the worker
     says it is ready. If it raises, the worker reports the error and exits.
 
+    ``control`` carries requests to give back a call that was sent ahead
+    (prefetched) and has not started: the same watcher thread answers them
+    while a task runs (see :class:`_Calls`).
+
     It runs in a fresh :mod:`contextvars` context, so a worker forked from a
     thread that had a request pushed never sees that request.
     """
     release(inherited)
+    calls = _Calls(conn)
+    control_fd = None
+    if control is not None:  # a plain descriptor: the watcher only reads ids from it
+        control_fd = os.dup(control.fileno())
+        control.close()
     threading.Thread(
-        target=_exit_when_orphaned, args=(conn.fileno(),), name="orphan-watch", daemon=True
+        target=_watch,
+        args=(conn.fileno(), control_fd, calls),
+        name="orphan-watch",
+        daemon=True,
     ).start()
     # Records logged in tasks go to the web process's loggers (at the web
     # process's root level), not to this process's inherited stderr handlers.
     forward_logs(log_level, replace=True)
-    contextvars.Context().run(_serve, conn, worker_init)
+    contextvars.Context().run(_serve, conn, worker_init, calls)
+
+
+class _Calls:
+    """Which calls this worker started and which it was asked to give back.
+
+    The web process sends a worker at most one call ahead of the one it runs.
+    It may ask for such a call back (it was cancelled, or another worker is
+    idle): the watcher thread answers ``("skipped", id)`` if the call has not
+    started, and the serving thread then drops it when it reads it; a call
+    that started was already reported with ``("took", id)``. Both decisions
+    are made under one lock, so exactly one of the two answers is sent.
+    """
+
+    #: Calls remembered as started: more than the web process ever has out.
+    REMEMBER = 16
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()  # also orders every message this worker sends
+        self.started: deque[int] = deque(maxlen=self.REMEMBER)
+        self.skipped: set[int] = set()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        with self.lock:
+            self.conn.send_bytes(data)
+
+    def write(self, parts: list[memoryview]) -> None:
+        with self.lock:
+            write_parts(self.conn, parts)
+
+    def take(self, task_id: int, before: list[memoryview]) -> bool:
+        """Start ``task_id`` (say ``took``), or ``False``: it was given back.
+        ``before`` (the last task's outcome) goes out first, in the same write."""
+        with self.lock:
+            if task_id in self.skipped:
+                self.skipped.discard(task_id)
+                write_parts(self.conn, before)
+                return False
+            self.started.append(task_id)
+            took = framed(pickle.dumps(("took", task_id), pickle.HIGHEST_PROTOCOL))
+            write_parts(self.conn, [*before, took])
+            return True
+
+    def give_back(self, task_id: int) -> None:
+        with self.lock:
+            if task_id in self.started:
+                return  # its "took" is on its way
+            self.skipped.add(task_id)
+            self.conn.send_bytes(pickle.dumps(("skipped", task_id), pickle.HIGHEST_PROTOCOL))
 
 
 def release(fds: tuple[int, ...]) -> None:
@@ -215,8 +280,9 @@ def release(fds: tuple[int, ...]) -> None:
     os.close(null)
 
 
-def _exit_when_orphaned(fd: int) -> None:
-    """Exit the process as soon as the peer of ``fd`` is closed (POLLHUP).
+def _watch(fd: int, control: int | None, calls: _Calls) -> None:
+    """Exit the process as soon as the peer of ``fd`` is closed (POLLHUP);
+    answer the give-back requests that arrive on ``control`` (8-byte ids).
 
     This watches the pipe, not ``os.getppid()``: a forkserver worker's parent
     is the fork server, which may outlive the web process (and reading the
@@ -224,27 +290,41 @@ def _exit_when_orphaned(fd: int) -> None:
     """
     poller = select.poll()
     poller.register(fd, 0)  # no events asked: only hang-up and errors are reported
+    if control is not None:
+        poller.register(control, select.POLLIN)
+    pending = b""
     while True:
-        for _, event in poller.poll():
-            if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                os._exit(0)
+        for ready, event in poller.poll():
+            if ready == fd or not event & select.POLLIN:
+                if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    os._exit(0)
+                continue
+            try:
+                data = os.read(ready, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                os._exit(0)  # the web process is gone
+            pending += data
+            whole = len(pending) - len(pending) % 8
+            for (task_id,) in struct.iter_unpack("!q", pending[:whole]):
+                calls.give_back(task_id)
+            pending = pending[whole:]
 
 
-def _serve(conn: Connection, worker_init: str | None) -> None:
-    send_lock = threading.Lock()  # a task's own threads may log too
+def _outcome_parts(task_id: int, outcome: Outcome) -> list[memoryview]:
+    if outcome[0] != "ok":
+        return [framed(pickle.dumps(("done", task_id, outcome), pickle.HIGHEST_PROTOCOL))]
+    return split_parts(("result", task_id), outcome[1])  # the result's pickle as it is
 
-    def send(message: tuple[Any, ...]) -> None:
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        with send_lock:
-            conn.send_bytes(data)
 
-    def send_outcome(task_id: int, outcome: Outcome) -> None:
-        if outcome[0] != "ok":
-            send(("done", task_id, outcome))
-            return
-        with send_lock:  # the result's pickle as it is: not wrapped in another
-            send_parts(conn, ("result", task_id), outcome[1])
-
+def _serve(conn: Connection, worker_init: str | None, calls: _Calls) -> None:
+    send = calls.send
+    # A finished task's outcome waits until the next call is read when that
+    # call is already here (sent ahead): both answers go out in one write.
+    held: list[memoryview] = []
+    arrived = select.poll()
+    arrived.register(conn.fileno(), select.POLLIN)
     spec: AppSpec | None = None
     spec_version = ""
     spec_error: Exception | None = None
@@ -254,11 +334,17 @@ def _serve(conn: Connection, worker_init: str | None) -> None:
         # here, not from the process start (spawn workers take a while).
         send(("ready",))
     while True:
+        if held and not arrived.poll(0):
+            calls.write(held)
+            held = []
         try:
             message = decode(conn.recv_bytes())
         except (EOFError, OSError):
             return
         kind = message[0]
+        if kind != "call" and held:
+            calls.write(held)
+            held = []
         if kind == "stop":
             return
         if kind == "app":
@@ -276,7 +362,13 @@ def _serve(conn: Connection, worker_init: str | None) -> None:
                 send(("ready",))
             continue
         _, task_id, app_version, push_context, chunked, payload = message
-        send(("took", task_id))  # from here on, a death of this worker is the task's
+        # From here on, a death of this worker is the task's; a call that was
+        # given back meanwhile is dropped unread.
+        taken = calls.take(task_id, held)
+        held = []
+        if not taken:
+            del message, payload
+            continue
 
         def publish(kind: str, data: Any, task_id: int = task_id) -> None:
             send((kind, task_id, data))
@@ -289,4 +381,5 @@ def _serve(conn: Connection, worker_init: str | None) -> None:
         else:
             outcome = run_call(payload, spec, push_context, chunked, publish)
         del message, payload
-        send_outcome(task_id, outcome)
+        held = _outcome_parts(task_id, outcome)
+        del outcome

@@ -26,7 +26,6 @@ down. The behaviour is described in ``docs/reliability.rst``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import logging
@@ -35,6 +34,7 @@ import os
 import pickle
 import selectors
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -47,7 +47,7 @@ from ..futures import FutureProxy
 from ..serialize import type_name
 from ..tasks import log_record_restore
 from . import Backend, BackendOptions, PickledTask, cancel_and_notify, settle
-from ._channel import Channel, channel_pair, decode, split_header
+from ._channel import Channel, channel_pair, control_pair, decode, split_header
 from ._start import (
     check_main_guard,
     death_error,
@@ -74,28 +74,35 @@ _STOP_GRACE = 5.0
 
 
 class _WorkItem:
-    __slots__ = ("future", "task", "task_id", "started", "deadline", "taken", "deliveries")
+    __slots__ = ("future", "task", "task_id", "started", "deadline", "taken", "deliveries",
+                 "recalled")  # fmt: skip
 
     def __init__(self, future: FutureProxy[Any], task: PickledTask, task_id: int) -> None:
         self.future = future
         self.task = task
         self.task_id = task_id
-        #: The future was marked running (a redelivered task keeps that).
+        #: The future was marked running: a worker took it.
         self.started = False
         self.deadline: float | None = None
         #: The worker it was given to said it took it (and had not died before).
         self.taken = False
         self.deliveries = 0
+        #: The worker it was sent ahead to was asked to give it back.
+        self.recalled = False
 
 
 class _Worker:
-    __slots__ = ("process", "channel", "item", "tasks_done", "app_version", "ready", "broken",
-                 "start_deadline", "failure", "events")  # fmt: skip
+    __slots__ = ("process", "channel", "control", "items", "tasks_done", "app_version", "ready",
+                 "broken", "start_deadline", "failure", "events")  # fmt: skip
 
-    def __init__(self, process: Any, channel: Channel) -> None:
+    def __init__(self, process: Any, channel: Channel, control: socket.socket) -> None:
         self.process = process
         self.channel = channel
-        self.item: _WorkItem | None = None
+        #: Where give-back requests go (the worker's watcher thread reads them).
+        self.control = control
+        #: The calls sent to it, in order: the one it runs (``taken``), and at
+        #: most :data:`PREFETCH` more it has not started.
+        self.items: deque[_WorkItem] = deque()
         self.tasks_done = 0
         self.app_version = ""
         #: The worker said it is up: only then does it get tasks.
@@ -107,6 +114,25 @@ class _Worker:
         self.failure: BaseException | None = None
         self.events = selectors.EVENT_READ
 
+    @property
+    def running(self) -> _WorkItem | None:
+        """The task it runs, if it said it took one."""
+        items = self.items
+        return items[0] if items and items[0].taken else None
+
+    def find(self, task_id: int) -> _WorkItem | None:
+        for item in self.items:
+            if item.task_id == task_id:
+                return item
+        return None
+
+
+#: Calls sent to a busy worker ahead of the one it runs, when every worker is
+#: busy and more tasks wait: it starts the next one without waiting for a
+#: round trip through the dispatcher. One is enough to never idle.
+PREFETCH = 1
+#: A give-back request on a worker's control socket: the task's id.
+_ID = struct.Struct("!q")
 
 #: The largest chunk ``map`` makes by itself (a ``chunksize`` left at 1).
 MAX_AUTO_CHUNK = 256
@@ -175,6 +201,8 @@ class _Pool:
         self._thread: threading.Thread | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_writer.setblocking(False)
+        #: A wake-up byte is on its way to the dispatcher: submits add none.
+        self._woken = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._workers: list[_Worker] = []
@@ -187,9 +215,12 @@ class _Pool:
         so that they still see the web process die and the child can never
         write to them, and refuse new tasks (the child has no dispatcher)."""
         self._lock = threading.RLock()  # another thread may have held it at fork time
-        release(tuple(fd for fd in (w.channel.fileno() for w in self._workers) if fd >= 0))
+        fds = [w.channel.fileno() for w in self._workers]
+        fds += [w.control.fileno() for w in self._workers]
+        release(tuple(fd for fd in fds if fd >= 0))
         for worker in self._workers:
             worker.channel.close()  # closes only the /dev/null copy now
+            worker.control.close()
         self._workers, self._pending, self._retired = [], deque(), []
         self._thread = None
         self._close()
@@ -210,19 +241,22 @@ class _Pool:
             future._stop_running = functools.partial(self._request_stop, item)
             # An idle worker that is up takes the task straight from this
             # thread: one thread hop less than going through the dispatcher.
-            worker = None if self._pending else self._idle_worker(item)
+            worker = None if self._pending else self._idle_worker(item, ahead=False)
             if worker is None:
                 self._pending.append(item)
-                wake = True
+                # One wake-up for a burst of submits: the dispatcher takes
+                # every waiting task each time it wakes.
+                wake = not self._woken
+                self._woken = True
             else:
                 self._give(worker, item)
-                wake = item.deadline is not None or worker.channel.sending or worker.broken
+                wake = worker.channel.sending or worker.broken
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._dispatch, name="flask-executor-dispatcher", daemon=True
                 )
                 self._thread.start()
-        if wake:  # a task to place, a deadline to watch, or bytes to flush
+        if wake:  # a task to place, or bytes to flush
             self._wake()
 
     def shutdown(
@@ -233,6 +267,10 @@ class _Pool:
             dropped = list(self._pending) if cancel_futures else []
             if cancel_futures:
                 self._pending.clear()
+                # Sent ahead but not started: cancelled too (and asked back).
+                ahead = [i for w in self._workers for i in w.items if not i.taken]
+            else:
+                ahead = []
             if timeout is not None:
                 stop_at = time.monotonic() + max(0.0, timeout)
                 if self._stop_at is None or stop_at < self._stop_at:
@@ -242,11 +280,15 @@ class _Pool:
                 self._close()
         for item in dropped:
             cancel_and_notify(item.future)
+        for item in ahead:
+            item.future.cancel()
         self._wake()
         if thread is not None and wait and thread is not threading.current_thread():
             thread.join()
 
     def _request_stop(self, item: _WorkItem) -> None:
+        """``item``'s future was cancelled: stop its task if it runs, take it
+        back if it was sent ahead (any thread)."""
         self._stop_requests.append(item)
         self._wake()
 
@@ -258,27 +300,38 @@ class _Pool:
 
     # -- handing out tasks (any thread, lock held) --------------------------------
 
-    def _idle_worker(self, item: _WorkItem) -> _Worker | None:
-        """An idle worker that is up, preferring one that has the task's app."""
-        idle = [w for w in self._workers if w.item is None and w.ready and not w.broken]
-        for worker in idle:
-            if worker.app_version == item.task.app_version:
-                return worker
-        return idle[0] if idle else None
+    def _room(self, worker: _Worker, ahead: bool) -> bool:
+        if not worker.ready or worker.broken:
+            return False
+        load = len(worker.items)
+        if load and not (ahead and load <= PREFETCH and worker.items[0].taken):
+            return False  # only behind a task it said it runs: it is alive, not frozen
+        limit = self.options.max_tasks_per_child
+        return not limit or worker.tasks_done + load < limit
 
-    def _give(self, worker: _Worker, item: _WorkItem) -> bool:
-        """Start ``item`` on ``worker``; ``False`` if it was cancelled.
+    def _idle_worker(self, item: _WorkItem, ahead: bool) -> _Worker | None:
+        """A worker that is up with room for ``item`` (an idle one; with
+        ``ahead``, also one that runs a task and has nothing sent ahead), the
+        least loaded first, then one that has the task's app."""
+        best: _Worker | None = None
+        for worker in self._workers:
+            if not self._room(worker, ahead):
+                continue
+            if best is None or len(worker.items) < len(best.items):
+                best = worker
+            elif len(worker.items) == len(best.items) and (
+                worker.app_version == item.task.app_version != best.app_version
+            ):
+                best = worker
+        return best
 
-        The future is running from here and its time limit starts now. If the
-        worker's socket is already closed (it died before it got the task),
-        the task goes back to the front of the queue: it never ran.
-        """
-        if not item.started:
-            if not item.future.set_running_or_notify_cancel():
-                return False
-            item.started = True
-        worker.item = item
-        item.taken = False
+    def _give(self, worker: _Worker, item: _WorkItem) -> None:
+        """Send ``item`` to ``worker``; it runs once the worker takes it
+        (``took``): only then is the future running and its time limit
+        counting. If the worker's socket is already closed (it died before
+        it got the task), the task goes back to the front of the queue."""
+        worker.items.append(item)
+        item.taken = item.recalled = False
         item.deliveries += 1
         task = item.task
         try:
@@ -288,18 +341,25 @@ class _Pool:
             worker.channel.send(split_header(header), task.payload)  # the payload as it is
         except OSError:
             worker.broken = True
-            worker.item = None
+            worker.items.remove(item)
             self._pending.appendleft(item)
-            return True
-        timeout = item.future._task_timeout or self.options.task_timeout
-        item.deadline = time.monotonic() + timeout if timeout else None
-        return True
 
     def _send_app(self, worker: _Worker, task: PickledTask) -> None:
         worker.channel.send(
             pickle.dumps(("app", task.app_version, task.app_spec), pickle.HIGHEST_PROTOCOL)
         )
         worker.app_version = task.app_version
+
+    def _recall(self, worker: _Worker, item: _WorkItem) -> None:
+        """Ask ``worker`` to give back ``item``, sent ahead and not started:
+        it answers ``skipped`` (then it never runs there) or ``took``."""
+        if item.recalled or item.taken:
+            return
+        item.recalled = True
+        try:
+            worker.control.send(_ID.pack(item.task_id))
+        except OSError:
+            pass  # it is dying: the item is delivered again when it is gone
 
     # -- dispatcher thread ---------------------------------------------------------
 
@@ -325,7 +385,7 @@ class _Pool:
         with self._lock:
             self._shutdown = True
             self._broken = f"the process pool's dispatcher failed: {type(exc).__name__}: {exc}"
-            items = [*self._pending, *(w.item for w in self._workers if w.item)]
+            items = [*self._pending, *(i for w in self._workers for i in w.items)]
             self._pending.clear()
         for item in items:
             settle(item.future, exception=BrokenProcessPool(self._broken))
@@ -335,26 +395,38 @@ class _Pool:
             return (
                 self._shutdown
                 and not self._pending
-                and not any(worker.item for worker in self._workers)
+                and not any(worker.items for worker in self._workers)
             )
 
     def _assign(self) -> None:
-        """Give waiting tasks to idle workers; start workers for the rest."""
+        """Give waiting tasks to idle workers, then one ahead to each busy one
+        when the pool is full; start workers for the rest; ask a call sent
+        ahead back for a worker that went idle with nothing waiting."""
         dropped = []
         with self._lock:
-            while self._pending:
-                item = self._pending[0]
-                if item.future.cancelled():
-                    dropped.append(self._pending.popleft())
-                    continue
-                worker = self._idle_worker(item)
-                if worker is None:
-                    break
-                self._pending.popleft()
-                if not self._give(worker, item):
-                    dropped.append(item)
+            full = len(self._workers) >= self._max_workers and all(
+                w.ready for w in self._workers
+            )
+            for ahead in (False, True) if full else (False,):
+                while self._pending:
+                    item = self._pending[0]
+                    if item.future.cancelled():
+                        dropped.append(self._pending.popleft())
+                        continue
+                    worker = self._idle_worker(item, ahead)
+                    if worker is None:
+                        break
+                    self._pending.popleft()
+                    self._give(worker, item)
+            if not self._pending:
+                self._rebalance()
             starting = sum(1 for w in self._workers if not w.ready)
-            wanted = min(len(self._pending) - starting, self._max_workers - len(self._workers))
+            # A task sent ahead to a worker that died or is gone waits in the
+            # queue; one behind a running task wants a worker too, when the pool
+            # lost one: it moves there once that is up (see _rebalance).
+            behind = sum(len(w.items) - 1 for w in self._workers if len(w.items) > 1)
+            waiting = len(self._pending) + behind
+            wanted = min(waiting - starting, self._max_workers - len(self._workers))
             errors = [self._start_worker() for _ in range(wanted)]
         for item in dropped:
             cancel_and_notify(item.future)
@@ -362,15 +434,27 @@ class _Pool:
             if error is not None:
                 self._start_failed(error)
 
+    def _rebalance(self) -> None:
+        """For each idle worker, ask back one call waiting behind a running
+        task in another worker (lock held): it runs on the idle one."""
+        idle = sum(1 for w in self._workers if not w.items and self._room(w, False))
+        for worker in self._workers:
+            if not idle:
+                return
+            if len(worker.items) > 1 and not worker.items[-1].recalled:
+                self._recall(worker, worker.items[-1])
+                idle -= 1
+
     def _start_worker(self) -> BaseException | None:
         """Start a worker (lock held); the error if no process could be started."""
         channel, child_conn = channel_pair()
+        control, child_control = control_pair()
         # A fork child inherits the web process's end of every pool socket; it
         # must release them, or no worker would see the web process die. The
-        # at-fork hook releases the other workers' ends; this is its own.
+        # at-fork hook releases the other workers' ends; these are its own.
         inherited: tuple[int, ...] = ()
         if self._context.get_start_method() == "fork":
-            inherited = (channel.fileno(),)
+            inherited = (channel.fileno(), control.fileno())
         process = self._context.Process(
             target=worker_main,
             args=(
@@ -378,6 +462,7 @@ class _Pool:
                 logging.getLogger().getEffectiveLevel(),
                 inherited,
                 self.options.worker_init,
+                child_control,
             ),
             name="flask-executor-worker",
             daemon=True,
@@ -386,10 +471,12 @@ class _Pool:
             process.start()
         except Exception as exc:  # fork failed (EAGAIN, ENOMEM), exec failed
             channel.close()
+            control.close()
             return start_error(None, f"could not be started ({type_name(exc)}: {exc})", exc)
         finally:
             child_conn.close()
-        worker = _Worker(process, channel)
+            child_control.close()
+        worker = _Worker(process, channel, control)
         self._workers.append(worker)
         self._selector.register(channel, selectors.EVENT_READ, ("conn", worker))
         self._selector.register(process.sentinel, selectors.EVENT_READ, ("sentinel", worker))
@@ -415,7 +502,9 @@ class _Pool:
 
     def _wait_and_handle(self) -> None:
         with self._lock:
-            deadlines = [w.item.deadline for w in self._workers if w.item and w.item.deadline]
+            deadlines = [
+                w.items[0].deadline for w in self._workers if w.items and w.items[0].deadline
+            ]
             deadlines += [w.start_deadline for w in self._workers if not w.ready]
             if self._stop_at is not None:
                 deadlines.append(self._stop_at)
@@ -433,6 +522,7 @@ class _Pool:
         lost = []
         for key, mask in self._selector.select(timeout):
             if key.data is None:
+                self._woken = False  # before reading: a submit from now on wakes again
                 self._wake_reader.recv(4096)
                 continue
             kind, worker = key.data
@@ -464,20 +554,17 @@ class _Pool:
             worker.ready = True
             self._failed_starts = 0
         elif kind == "took":
-            item = worker.item
-            if item is not None and item.task_id == message[1]:
-                item.taken = True
-                # The worker has the call and will never need it again (a task it
-                # took is not delivered again): the web process no longer holds a
-                # copy of a large argument while the task runs.
-                item.task = dataclasses.replace(item.task, payload=b"")
+            self._took(worker, message[1])
+        elif kind == "skipped":
+            self._skipped(worker, message[1])
         elif kind == "done":
             self._complete(worker, message[1], message[2])
         elif kind == "result":  # a split message: the result's pickle is its body
             self._complete(worker, message[1], ("ok", message[2]))
         elif kind == "meta":
-            if worker.item is not None and worker.item.task_id == message[1]:
-                worker.item.future._merge_meta(message[2])
+            item = worker.find(message[1])
+            if item is not None:
+                item.future._merge_meta(message[2])
         elif kind == "log":
             log_record_restore(message[2])
         elif kind == "init_failed":
@@ -485,8 +572,42 @@ class _Pool:
             worker.failure = init_error(self.options.worker_init, cause)
             self._worker_lost(worker)  # it exits by itself
 
+    def _took(self, worker: _Worker, task_id: int) -> None:
+        """The worker started ``task_id``: the task runs from here."""
+        item = worker.find(task_id)
+        if item is None:
+            return
+        item.taken = True
+        # The worker has the call and will never need it again (a task it
+        # took is not delivered again): the web process no longer holds a
+        # copy of a large argument while the task runs.
+        item.task.payload = b""  # the task is this pool's own (made for this submit)
+        if not item.started:
+            if not item.future.set_running_or_notify_cancel():
+                # Cancelled while it was on its way, and the worker started it
+                # before it read the request to give it back: stop it.
+                self._kill(worker)
+                return
+            item.started = True
+        timeout = item.future._task_timeout or self.options.task_timeout
+        item.deadline = time.monotonic() + timeout if timeout else None
+
+    def _skipped(self, worker: _Worker, task_id: int) -> None:
+        """The worker gave back ``task_id`` unstarted: cancelled, or for
+        another worker."""
+        item = worker.find(task_id)
+        if item is None:
+            return
+        worker.items.remove(item)
+        item.deliveries -= 1  # it never reached the worker's hands
+        if item.future.cancelled():
+            cancel_and_notify(item.future)
+        else:
+            with self._lock:
+                self._pending.appendleft(item)
+
     def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
-        item = worker.item
+        item = worker.items[0] if worker.items else None
         if item is not None and item.task_id != task_id:
             item = None
         if item is not None:  # while the worker still has it: a bug here fails it too
@@ -494,10 +615,11 @@ class _Pool:
         limit = self.options.max_tasks_per_child
         with self._lock:
             worker.tasks_done += 1
+            if item is not None:
+                worker.items.popleft()
             retire = bool(limit and worker.tasks_done >= limit)
             if retire:  # out of the pool before anyone can claim it again
                 self._forget(worker)
-            worker.item = None
         if retire:
             self._retire(worker)
         if item is not None:
@@ -512,36 +634,58 @@ class _Pool:
                 worker.channel.send(pickle.dumps(("stop",)))
             except OSError:
                 pass
-            worker.channel.close()  # the worker also exits when its socket closes
+            self._close_worker(worker)  # the worker also exits when its socket closes
+            requeue = list(worker.items)  # never sent past its limit; for safety
+            worker.items.clear()
+            self._pending.extendleft(reversed(requeue))
         self._retired.append(worker.process)
 
     def _worker_lost(self, worker: _Worker) -> None:
+        """``worker``'s process ended (or was killed): fail the task it ran,
+        deliver again the ones it never started."""
         if worker not in self._workers:
             return
         self._forget(worker)  # first: nobody may claim it any more
         try:  # a result (or why it could not start) sent just before dying still counts
             for data in worker.channel.receive():
-                if worker.item is None and (worker.ready or worker.failure):
-                    break
                 self._handle(worker, decode(data))
+                if not worker.items and (worker.ready or worker.failure):
+                    break
         except (EOFError, OSError, pickle.UnpicklingError):
             pass
         worker.process.join(1.0)
         if worker.process.exitcode is None:
             worker.process.kill()
             worker.process.join(1.0)
+        failed = []
         with self._lock:
-            worker.channel.close()
-            item, worker.item = worker.item, None
-            if item is not None and not item.taken and item.deliveries < START_ATTEMPTS:
-                # It died before it read the task: the task never ran, deliver it again.
-                self._pending.appendleft(item)
-                item = None
-        if item is not None:
+            self._close_worker(worker)
+            items = list(worker.items)
+            worker.items.clear()
+            again = []
+            for index, item in enumerate(items):
+                if item.taken:
+                    failed.append(item)
+                elif item.future.cancelled():
+                    cancel_and_notify(item.future)
+                elif index > 0 or item.deliveries < START_ATTEMPTS:
+                    # It never ran: deliver it again (one that waited behind
+                    # another task is not counted against its attempts).
+                    if index > 0:
+                        item.deliveries -= 1
+                    again.append(item)
+                else:
+                    failed.append(item)
+            self._pending.extendleft(reversed(again))
+        for item in failed:
             settle(item.future, exception=death_error(worker.process))
-        elif not worker.ready:
+        if not worker.ready:
             how = f"{how_it_ended(worker.process)} while starting"
             self._start_failed(worker.failure or start_error(worker.process, how))
+
+    def _close_worker(self, worker: _Worker) -> None:
+        worker.channel.close()
+        worker.control.close()
 
     def _start_failed(self, error: BaseException) -> None:
         """A worker could not start; after :data:`START_ATTEMPTS` in a row the
@@ -559,16 +703,14 @@ class _Pool:
                 cancel_and_notify(item.future)  # it was cancelled meanwhile: let wait() see it
 
     def _kill(self, worker: _Worker) -> None:
-        self._forget(worker)
+        """Kill ``worker``; what it had is then handled as for any death."""
         worker.process.kill()
-        worker.process.join(_STOP_GRACE)
-        with self._lock:
-            worker.channel.close()
+        self._worker_lost(worker)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         for worker in list(self._workers):
-            item = worker.item
+            item = worker.running
             if item is not None and item.deadline is not None and item.deadline <= now:
                 settle(
                     item.future,
@@ -581,12 +723,12 @@ class _Pool:
                 )
                 self._kill(worker)
             elif not worker.ready and worker.start_deadline <= now:
-                self._kill(worker)
-                how = (
+                worker.failure = start_error(
+                    worker.process,
                     f"did not start within {WORKER_START_TIMEOUT:g} s (flask_executor"
-                    ".backends.process.WORKER_START_TIMEOUT) and was killed"
+                    ".backends.process.WORKER_START_TIMEOUT) and was killed",
                 )
-                self._start_failed(start_error(worker.process, how))
+                self._kill(worker)
         if self._stop_at is not None and self._stop_at <= now:
             self._stop_now()
 
@@ -596,21 +738,29 @@ class _Pool:
         with self._lock:
             dropped = list(self._pending)
             self._pending.clear()
-            busy = [w for w in self._workers if w.item is not None]
-        for worker in busy:
-            item = worker.item
-            self._kill(worker)
-            if item is not None:
-                settle(item.future, exception=shutdown_error(worker.process, self._stop_timeout))
+            for worker in self._workers:
+                dropped += [item for item in worker.items if not item.taken]
+            busy = [w for w in self._workers if w.running is not None]
         for item in dropped:
-            cancel_and_notify(item.future)
+            cancel_and_notify(item.future)  # a worker that still takes one is stopped
+        for worker in busy:
+            running = worker.running
+            if running is not None:
+                settle(running.future, exception=shutdown_error(worker.process, self._stop_timeout))
+            self._kill(worker)
+        for worker in list(self._workers):
+            for item in list(worker.items):
+                self._recall(worker, item)
 
     def _handle_stop_requests(self) -> None:
         while self._stop_requests:
             item = self._stop_requests.popleft()
-            for worker in self._workers:
-                if worker.item is item:
-                    self._kill(worker)
+            for worker in list(self._workers):
+                if item in worker.items:
+                    if item.taken:
+                        self._kill(worker)
+                    else:
+                        self._recall(worker, item)
                     break
 
     def _stop_workers(self) -> None:
@@ -620,7 +770,7 @@ class _Pool:
                     worker.channel.send(pickle.dumps(("stop",)))
                 except OSError:
                     pass
-                worker.channel.close()  # a worker also exits when its socket closes
+                self._close_worker(worker)  # a worker also exits when its socket closes
         deadline = time.monotonic() + _STOP_GRACE
         for process in [w.process for w in self._workers] + self._retired:
             process.join(max(0.0, deadline - time.monotonic()))
@@ -639,12 +789,20 @@ class _Pool:
 
     def stats(self) -> dict[str, Any]:
         """See :meth:`Backend.stats`; ``memory`` is each worker's resident set
-        size, read from ``/proc`` (``None`` where there is none)."""
+        size, read from ``/proc`` (``None`` where there is none);
+        ``sent_ahead`` the tasks sent to it that it has not started (they
+        count in ``queue`` too)."""
         with self._lock:
-            workers = [(w.process.pid, w.item is not None, w.tasks_done) for w in self._workers]
-            queued = len(self._pending)
+            workers = [
+                (w.process.pid, w.running is not None, w.tasks_done,
+                 sum(1 for item in w.items if not item.taken))
+                for w in self._workers
+            ]  # fmt: skip
+            queued = len(self._pending) + sum(
+                1 for w in self._workers for item in w.items if not item.taken
+            )
         rows = []
-        for pid, busy, done in workers:
+        for pid, busy, done, ahead in workers:
             try:
                 with open(f"/proc/{pid}/statm") as statm:
                     memory: int | None = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -652,13 +810,13 @@ class _Pool:
                 memory = None
             rows.append(
                 {"name": f"process {pid}", "pid": pid, "busy": busy, "tasks_run": done,
-                 "memory": memory}
+                 "memory": memory, "sent_ahead": ahead}
             )
         return {
             "backend": "process",
             "configured_workers": self._max_workers,
             "workers": rows,
-            "busy": sum(1 for _, busy, _ in workers if busy),
+            "busy": sum(1 for _, busy, _, _ in workers if busy),
             "queue": queued,
         }
 

@@ -1,0 +1,167 @@
+"""Tasks sent ahead to a busy process worker (issue 13): a worker that runs a
+task already holds the next one, so it never idles a round trip between tasks.
+
+What must not change (the fault table's semantics): a worker that dies fails
+only the task it was running, and a task sent ahead that it never started runs
+elsewhere; a time limit counts from the task's start; a task sent ahead can be
+cancelled, and then never runs; ``max_tasks_per_child`` holds; a task waiting
+behind a long one moves to a worker that goes idle. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fault_support import getpid, pid_is_alive
+from flask import Flask
+from process_support import MakeProcessExecutor
+from support import Gates, block_until, touch, wait_for_path, wait_until
+
+from flask_executor import Executor
+
+WAIT = 30.0
+
+
+def pid_after_gate(started: str, gate: str) -> int:
+    """Task: mark ``started``, wait for ``gate``, return this worker's pid."""
+    block_until(started, gate, None)
+    return os.getpid()
+
+
+def pid_after_sleep(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def stats(executor: Executor) -> dict[str, Any]:
+    backend = executor._app_and_state()[1].backend
+    assert backend is not None
+    return backend.stats()
+
+
+def sent_ahead(executor: Executor) -> int:
+    return sum(row["sent_ahead"] for row in stats(executor)["workers"])
+
+
+def running_blocked(
+    app: Flask, executor: Executor, gates: Gates, tmp_path: Path, name: str
+) -> tuple[Any, str]:
+    """Submit a task that blocks on a gate; return it once its worker runs it."""
+    started, gate = str(tmp_path / f"{name}-started"), gates.new()
+    with app.app_context():
+        future = executor.submit(pid_after_gate, started, gate)
+    wait_for_path(started, WAIT)
+    wait_until(future.running, WAIT)
+    return future, gate
+
+
+def test_a_task_is_sent_ahead_to_a_busy_worker_and_runs_after(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    first, gate = running_blocked(app, executor, gates, tmp_path, "first")
+    with app.app_context():
+        second = executor.submit(getpid)
+    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    # Sent, but not started: neither running nor counted as busy.
+    assert not second.running() and not second.done()
+    assert stats(executor)["busy"] == 1 and stats(executor)["queue"] == 1
+    touch(gate)
+    assert second.result(WAIT) == first.result(WAIT)
+
+
+def test_a_task_sent_ahead_to_a_worker_that_dies_runs_elsewhere(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    first, _ = running_blocked(app, executor, gates, tmp_path, "first")
+    with app.app_context():
+        second = executor.submit(getpid)
+    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    dead = stats(executor)["workers"][0]["pid"]
+    os.kill(dead, signal.SIGKILL)
+    with pytest.raises(Exception, match=f"pid {dead}"):
+        first.result(WAIT)  # the task it ran fails...
+    assert second.result(WAIT) != dead  # ...the one it never started runs on its replacement
+    wait_until(lambda: not pid_is_alive(dead), WAIT)
+
+
+@pytest.mark.slow
+def test_the_time_limit_of_a_task_sent_ahead_counts_from_its_start(
+    app: Flask, make_process_executor: MakeProcessExecutor
+) -> None:
+    # Each task takes 60 % of the limit: counted from when it was sent (while the
+    # first ran), the second would pass its limit.
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1, EXECUTOR_TASK_TIMEOUT=5)
+    with app.app_context():
+        executor.submit(getpid).result(WAIT)  # the worker is up
+        futures = [executor.submit(pid_after_sleep, 3.0) for _ in range(2)]
+    pids = [future.result(WAIT) for future in futures]
+    assert pids[0] == pids[1]  # the same worker ran both: nothing was killed
+
+
+def test_a_cancelled_task_sent_ahead_never_runs_and_its_worker_lives(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    first, gate = running_blocked(app, executor, gates, tmp_path, "first")
+    marker = str(tmp_path / "ran")
+    with app.app_context():
+        second = executor.submit(touch, marker)
+    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    assert second.cancel()
+    assert second.cancelled()
+    wait_until(lambda: sent_ahead(executor) == 0, WAIT)  # given back by the worker
+    touch(gate)
+    pid = first.result(WAIT)
+    with app.app_context():
+        assert executor.submit(getpid).result(WAIT) == pid  # the same worker: not killed
+    assert not os.path.exists(marker)
+
+
+def test_shutdown_cancelling_futures_cancels_tasks_sent_ahead(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    first, gate = running_blocked(app, executor, gates, tmp_path, "first")
+    marker = str(tmp_path / "ran")
+    with app.app_context():
+        second = executor.submit(touch, marker)
+    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    executor.shutdown(wait=False, cancel_futures=True)
+    assert second.cancelled()
+    touch(gate)
+    assert first.result(WAIT) > 0
+    executor.shutdown(wait=True)
+    assert not os.path.exists(marker)
+
+
+def test_max_tasks_per_child_counts_the_tasks_sent_ahead(
+    app: Flask, make_process_executor: MakeProcessExecutor
+) -> None:
+    executor = make_process_executor(
+        app, None, EXECUTOR_MAX_WORKERS=1, EXECUTOR_MAX_TASKS_PER_CHILD=2
+    )
+    with app.app_context():
+        pids = [f.result(WAIT) for f in [executor.submit(pid_after_sleep, 0.05) for _ in range(8)]]
+    assert all(pids.count(pid) <= 2 for pid in pids), pids
+    assert len(set(pids)) >= 4
+
+
+def test_a_task_waiting_behind_a_long_one_moves_to_a_worker_that_goes_idle(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=2)
+    long_one, _ = running_blocked(app, executor, gates, tmp_path, "long")
+    short_one, short_gate = running_blocked(app, executor, gates, tmp_path, "short")
+    with app.app_context():
+        waiting = executor.submit(getpid)
+    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    touch(short_gate)  # one worker goes idle; the other stays busy with the long task
+    assert waiting.result(WAIT) == short_one.result(WAIT)
+    assert not long_one.done()
