@@ -190,12 +190,14 @@ class Channel:
         while not self.closed:
             try:
                 if self._body is not None:
+                    wanted = len(self._body) - self._filled
                     count = self._sock.recv_into(memoryview(self._body)[self._filled :])
                     self._filled += count
                     if self._filled == len(self._body):
                         messages.append(self._body)
                         self._body = None
                 else:
+                    wanted = _READ
                     data = self._sock.recv(_READ)
                     count = len(data)
                     self._in += data
@@ -206,6 +208,8 @@ class Channel:
                 count = 0
             if not count:
                 self.closed = True
+            elif count < wanted:
+                break  # the socket had no more: no second call only to hear so
         return messages
 
     def _messages(self) -> list[bytes | bytearray]:
