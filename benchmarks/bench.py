@@ -31,9 +31,9 @@ from typing import Any, NamedTuple
 import flask
 from _dask import section_dask
 from _external import cold_start, compare_v1
+from _load import section_load
 from _store import section_store
 from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
-from _load import section_load
 from _throughput import section_throughput
 from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
 from _upload import section_upload

@@ -6,7 +6,7 @@ How work flows::
     (caller)    │ no                         (non-blocking;                   _serve():
                 ▼                             queued bytes wait)              ("ready")
              pending deque ─wake─▶ dispatcher thread                          unpickle,
-             (_WorkItem)           · starts workers, one per waiting task     restore context,
+             (WorkItem)           · starts workers, one per waiting task     restore context,
                                    · gives a task to a worker once it is up   run, pickle
     FutureProxy ◀─ settle() ◀───── · reads results as bytes arrive  ◀════════ ("done", outcome)
     (callbacks guarded)            · watches sentinels, task deadlines,
@@ -15,10 +15,16 @@ How work flows::
     the worker's orphan watch: a thread that exits the process the moment its
     socket's other end closes (the web process is gone), whatever it is doing
 
-Each worker runs one task at a time, so the dispatcher knows which task each
-worker has: a worker that dies fails only that task, and a task past its time
-limit or cancelled while running has its worker killed. No thread blocks on a
-worker (the web process's socket ends are non-blocking, see :mod:`._channel`).
+Each worker runs one task at a time and says when it takes one ("took"), so
+the dispatcher knows which task each worker runs: a worker that dies fails
+only that task, and a task past its time limit or cancelled while running has
+its worker killed. With a backlog, a worker that runs a task is sent the next
+one ahead (:data:`PREFETCH`); that task is still pending until the worker
+takes it, so it is delivered again if the worker dies, and cancelling it asks
+the worker to give it back over a second, control socket (its watcher thread
+answers while the task before it runs). No thread blocks on a worker (the web
+process's socket ends are non-blocking, see :mod:`._channel`). What happens
+when workers and tasks end is in :mod:`._workers`.
 The dispatcher holds the :class:`_Pool`, never the :class:`ProcessBackend`, so
 a backend nobody references is collected and its finalizer winds the pool
 down. The behaviour is described in ``docs/reliability.rst``.
@@ -34,7 +40,6 @@ import os
 import pickle
 import selectors
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -42,97 +47,25 @@ from collections import deque
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from ..errors import TaskTimeoutError
 from ..futures import FutureProxy
 from ..serialize import type_name
 from ..tasks import log_record_restore
 from . import Backend, BackendOptions, PickledTask, cancel_and_notify, settle
-from ._channel import Channel, channel_pair, control_pair, decode, split_header
-from ._start import (
-    check_main_guard,
-    death_error,
-    default_start_method,
-    how_it_ended,
-    init_error,
-    shutdown_error,
-    start_error,
-)
+from ._channel import channel_pair, control_pair, decode, split_header
+from ._start import check_main_guard, default_start_method, init_error, start_error
 from ._worker import rebuild_outcome, release, worker_main
+from ._workers import ID, PREFETCH, START_ATTEMPTS, Endings, Worker, WorkItem
 
-__all__ = ["START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend", "default_start_method"]
+__all__ = [
+    "PREFETCH", "START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend", "default_start_method",
+]  # fmt: skip
 
 logger = logging.getLogger("flask_executor")
 
 #: Seconds a new worker may take to come up (start the interpreter, import,
 #: run ``EXECUTOR_WORKER_INIT``) before it is killed and replaced.
 WORKER_START_TIMEOUT = 60.0
-#: Failed worker starts in a row after which the tasks waiting for a worker
-#: fail with the last start error (the next task tries again).
-START_ATTEMPTS = 3
-#: How long a stopping worker may take before it is killed, in seconds.
-_STOP_GRACE = 5.0
 
-
-class _WorkItem:
-    __slots__ = ("future", "task", "task_id", "started", "deadline", "taken", "deliveries",
-                 "recalled")  # fmt: skip
-
-    def __init__(self, future: FutureProxy[Any], task: PickledTask, task_id: int) -> None:
-        self.future = future
-        self.task = task
-        self.task_id = task_id
-        #: The future was marked running: a worker took it.
-        self.started = False
-        self.deadline: float | None = None
-        #: The worker it was given to said it took it (and had not died before).
-        self.taken = False
-        self.deliveries = 0
-        #: The worker it was sent ahead to was asked to give it back.
-        self.recalled = False
-
-
-class _Worker:
-    __slots__ = ("process", "channel", "control", "items", "tasks_done", "app_version", "ready",
-                 "broken", "start_deadline", "failure", "events")  # fmt: skip
-
-    def __init__(self, process: Any, channel: Channel, control: socket.socket) -> None:
-        self.process = process
-        self.channel = channel
-        #: Where give-back requests go (the worker's watcher thread reads them).
-        self.control = control
-        #: The calls sent to it, in order: the one it runs (``taken``), and at
-        #: most :data:`PREFETCH` more it has not started.
-        self.items: deque[_WorkItem] = deque()
-        self.tasks_done = 0
-        self.app_version = ""
-        #: The worker said it is up: only then does it get tasks.
-        self.ready = False
-        #: Its socket failed: never give it a task; its sentinel follows.
-        self.broken = False
-        self.start_deadline = time.monotonic() + WORKER_START_TIMEOUT
-        #: Why it failed to start, when it said so (its initializer raised).
-        self.failure: BaseException | None = None
-        self.events = selectors.EVENT_READ
-
-    @property
-    def running(self) -> _WorkItem | None:
-        """The task it runs, if it said it took one."""
-        items = self.items
-        return items[0] if items and items[0].taken else None
-
-    def find(self, task_id: int) -> _WorkItem | None:
-        for item in self.items:
-            if item.task_id == task_id:
-                return item
-        return None
-
-
-#: Calls sent to a busy worker ahead of the one it runs, when every worker is
-#: busy and more tasks wait: it starts the next one without waiting for a
-#: round trip through the dispatcher. One is enough to never idle.
-PREFETCH = 1
-#: A give-back request on a worker's control socket: the task's id.
-_ID = struct.Struct("!q")
 
 #: The largest chunk ``map`` makes by itself (a ``chunksize`` left at 1).
 MAX_AUTO_CHUNK = 256
@@ -179,7 +112,7 @@ class ProcessBackend(Backend):
         return self._pool.stats()
 
 
-class _Pool:
+class _Pool(Endings):
     """The workers, the queue and the dispatcher thread of one backend."""
 
     def __init__(self, options: BackendOptions) -> None:
@@ -189,8 +122,8 @@ class _Pool:
         self._context: Any = multiprocessing.get_context(method)
         self._max_workers = options.max_workers or os.cpu_count() or 1
         self._lock = threading.RLock()
-        self._pending: deque[_WorkItem] = deque()
-        self._stop_requests: deque[_WorkItem] = deque()
+        self._pending: deque[WorkItem] = deque()
+        self._stop_requests: deque[WorkItem] = deque()
         self._ids = itertools.count()
         self._shutdown = False
         #: When a shutdown with a timeout stops waiting for running tasks.
@@ -205,7 +138,7 @@ class _Pool:
         self._woken = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
         self._retired: list[Any] = []
         _pools.add(self)
 
@@ -237,7 +170,7 @@ class _Pool:
                 raise BrokenProcessPool(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            item = _WorkItem(future, task, next(self._ids))
+            item = WorkItem(future, task, next(self._ids))
             future._stop_running = functools.partial(self._request_stop, item)
             # An idle worker that is up takes the task straight from this
             # thread: one thread hop less than going through the dispatcher.
@@ -286,7 +219,7 @@ class _Pool:
         if thread is not None and wait and thread is not threading.current_thread():
             thread.join()
 
-    def _request_stop(self, item: _WorkItem) -> None:
+    def _request_stop(self, item: WorkItem) -> None:
         """``item``'s future was cancelled: stop its task if it runs, take it
         back if it was sent ahead (any thread)."""
         self._stop_requests.append(item)
@@ -300,7 +233,7 @@ class _Pool:
 
     # -- handing out tasks (any thread, lock held) --------------------------------
 
-    def _room(self, worker: _Worker, ahead: bool) -> bool:
+    def _room(self, worker: Worker, ahead: bool) -> bool:
         if not worker.ready or worker.broken:
             return False
         load = len(worker.items)
@@ -309,11 +242,11 @@ class _Pool:
         limit = self.options.max_tasks_per_child
         return not limit or worker.tasks_done + load < limit
 
-    def _idle_worker(self, item: _WorkItem, ahead: bool) -> _Worker | None:
+    def _idle_worker(self, item: WorkItem, ahead: bool) -> Worker | None:
         """A worker that is up with room for ``item`` (an idle one; with
         ``ahead``, also one that runs a task and has nothing sent ahead), the
         least loaded first, then one that has the task's app."""
-        best: _Worker | None = None
+        best: Worker | None = None
         for worker in self._workers:
             if not self._room(worker, ahead):
                 continue
@@ -325,7 +258,7 @@ class _Pool:
                 best = worker
         return best
 
-    def _give(self, worker: _Worker, item: _WorkItem) -> None:
+    def _give(self, worker: Worker, item: WorkItem) -> None:
         """Send ``item`` to ``worker``; it runs once the worker takes it
         (``took``): only then is the future running and its time limit
         counting. If the worker's socket is already closed (it died before
@@ -344,20 +277,20 @@ class _Pool:
             worker.items.remove(item)
             self._pending.appendleft(item)
 
-    def _send_app(self, worker: _Worker, task: PickledTask) -> None:
+    def _send_app(self, worker: Worker, task: PickledTask) -> None:
         worker.channel.send(
             pickle.dumps(("app", task.app_version, task.app_spec), pickle.HIGHEST_PROTOCOL)
         )
         worker.app_version = task.app_version
 
-    def _recall(self, worker: _Worker, item: _WorkItem) -> None:
+    def _recall(self, worker: Worker, item: WorkItem) -> None:
         """Ask ``worker`` to give back ``item``, sent ahead and not started:
         it answers ``skipped`` (then it never runs there) or ``took``."""
         if item.recalled or item.taken:
             return
         item.recalled = True
         try:
-            worker.control.send(_ID.pack(item.task_id))
+            worker.control.send(ID.pack(item.task_id))
         except OSError:
             pass  # it is dying: the item is delivered again when it is gone
 
@@ -476,7 +409,7 @@ class _Pool:
         finally:
             child_conn.close()
             child_control.close()
-        worker = _Worker(process, channel, control)
+        worker = Worker(process, channel, control, WORKER_START_TIMEOUT)
         self._workers.append(worker)
         self._selector.register(channel, selectors.EVENT_READ, ("conn", worker))
         self._selector.register(process.sentinel, selectors.EVENT_READ, ("sentinel", worker))
@@ -488,7 +421,7 @@ class _Pool:
                 pass  # it died already; its sentinel says so
         return None
 
-    def _forget(self, worker: _Worker) -> None:
+    def _forget(self, worker: Worker) -> None:
         """Remove ``worker`` from the pool (its process is ended or ending)."""
         with self._lock:
             if worker not in self._workers:
@@ -540,7 +473,7 @@ class _Pool:
         for worker in lost:
             self._worker_lost(worker)
 
-    def _receive(self, worker: _Worker) -> None:
+    def _receive(self, worker: Worker) -> None:
         for data in worker.channel.receive():
             self._handle(worker, decode(data))
             if worker not in self._workers:
@@ -548,7 +481,7 @@ class _Pool:
         if worker.channel.closed:
             self._worker_lost(worker)
 
-    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+    def _handle(self, worker: Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "ready":
             worker.ready = True
@@ -572,7 +505,7 @@ class _Pool:
             worker.failure = init_error(self.options.worker_init, cause)
             self._worker_lost(worker)  # it exits by itself
 
-    def _took(self, worker: _Worker, task_id: int) -> None:
+    def _took(self, worker: Worker, task_id: int) -> None:
         """The worker started ``task_id``: the task runs from here."""
         item = worker.find(task_id)
         if item is None:
@@ -592,7 +525,7 @@ class _Pool:
         timeout = item.future._task_timeout or self.options.task_timeout
         item.deadline = time.monotonic() + timeout if timeout else None
 
-    def _skipped(self, worker: _Worker, task_id: int) -> None:
+    def _skipped(self, worker: Worker, task_id: int) -> None:
         """The worker gave back ``task_id`` unstarted: cancelled, or for
         another worker."""
         item = worker.find(task_id)
@@ -606,7 +539,7 @@ class _Pool:
             with self._lock:
                 self._pending.appendleft(item)
 
-    def _complete(self, worker: _Worker, task_id: int, outcome: Any) -> None:
+    def _complete(self, worker: Worker, task_id: int, outcome: Any) -> None:
         item = worker.items[0] if worker.items else None
         if item is not None and item.task_id != task_id:
             item = None
@@ -627,160 +560,6 @@ class _Pool:
                 settle(item.future, result=value)
             else:
                 settle(item.future, exception=value)
-
-    def _retire(self, worker: _Worker) -> None:
-        with self._lock:
-            try:
-                worker.channel.send(pickle.dumps(("stop",)))
-            except OSError:
-                pass
-            self._close_worker(worker)  # the worker also exits when its socket closes
-            requeue = list(worker.items)  # never sent past its limit; for safety
-            worker.items.clear()
-            self._pending.extendleft(reversed(requeue))
-        self._retired.append(worker.process)
-
-    def _worker_lost(self, worker: _Worker) -> None:
-        """``worker``'s process ended (or was killed): fail the task it ran,
-        deliver again the ones it never started."""
-        if worker not in self._workers:
-            return
-        self._forget(worker)  # first: nobody may claim it any more
-        try:  # a result (or why it could not start) sent just before dying still counts
-            for data in worker.channel.receive():
-                self._handle(worker, decode(data))
-                if not worker.items and (worker.ready or worker.failure):
-                    break
-        except (EOFError, OSError, pickle.UnpicklingError):
-            pass
-        worker.process.join(1.0)
-        if worker.process.exitcode is None:
-            worker.process.kill()
-            worker.process.join(1.0)
-        failed = []
-        with self._lock:
-            self._close_worker(worker)
-            items = list(worker.items)
-            worker.items.clear()
-            again = []
-            for index, item in enumerate(items):
-                if item.taken:
-                    failed.append(item)
-                elif item.future.cancelled():
-                    cancel_and_notify(item.future)
-                elif index > 0 or item.deliveries < START_ATTEMPTS:
-                    # It never ran: deliver it again (one that waited behind
-                    # another task is not counted against its attempts).
-                    if index > 0:
-                        item.deliveries -= 1
-                    again.append(item)
-                else:
-                    failed.append(item)
-            self._pending.extendleft(reversed(again))
-        for item in failed:
-            settle(item.future, exception=death_error(worker.process))
-        if not worker.ready:
-            how = f"{how_it_ended(worker.process)} while starting"
-            self._start_failed(worker.failure or start_error(worker.process, how))
-
-    def _close_worker(self, worker: _Worker) -> None:
-        worker.channel.close()
-        worker.control.close()
-
-    def _start_failed(self, error: BaseException) -> None:
-        """A worker could not start; after :data:`START_ATTEMPTS` in a row the
-        tasks waiting for one fail with ``error``."""
-        self._failed_starts += 1
-        if self._failed_starts < START_ATTEMPTS:
-            return
-        self._failed_starts = 0
-        with self._lock:
-            items = [item for item in self._pending if not item.started]
-            for item in items:
-                self._pending.remove(item)
-        for item in items:
-            if not settle(item.future, exception=error):
-                cancel_and_notify(item.future)  # it was cancelled meanwhile: let wait() see it
-
-    def _kill(self, worker: _Worker) -> None:
-        """Kill ``worker``; what it had is then handled as for any death."""
-        worker.process.kill()
-        self._worker_lost(worker)
-
-    def _enforce_deadlines(self) -> None:
-        now = time.monotonic()
-        for worker in list(self._workers):
-            item = worker.running
-            if item is not None and item.deadline is not None and item.deadline <= now:
-                settle(
-                    item.future,
-                    exception=TaskTimeoutError(
-                        "task ran past its time limit"
-                        f" ({item.future._task_timeout or self.options.task_timeout:g} s:"
-                        " EXECUTOR_TASK_TIMEOUT or the job's timeout);"
-                        f" its worker (pid {worker.process.pid}) was killed"
-                    ),
-                )
-                self._kill(worker)
-            elif not worker.ready and worker.start_deadline <= now:
-                worker.failure = start_error(
-                    worker.process,
-                    f"did not start within {WORKER_START_TIMEOUT:g} s (flask_executor"
-                    ".backends.process.WORKER_START_TIMEOUT) and was killed",
-                )
-                self._kill(worker)
-        if self._stop_at is not None and self._stop_at <= now:
-            self._stop_now()
-
-    def _stop_now(self) -> None:
-        """The shutdown timeout passed: kill the workers still running tasks,
-        fail those tasks, cancel the ones that never started."""
-        with self._lock:
-            dropped = list(self._pending)
-            self._pending.clear()
-            for worker in self._workers:
-                dropped += [item for item in worker.items if not item.taken]
-            busy = [w for w in self._workers if w.running is not None]
-        for item in dropped:
-            cancel_and_notify(item.future)  # a worker that still takes one is stopped
-        for worker in busy:
-            running = worker.running
-            if running is not None:
-                settle(running.future, exception=shutdown_error(worker.process, self._stop_timeout))
-            self._kill(worker)
-        for worker in list(self._workers):
-            for item in list(worker.items):
-                self._recall(worker, item)
-
-    def _handle_stop_requests(self) -> None:
-        while self._stop_requests:
-            item = self._stop_requests.popleft()
-            for worker in list(self._workers):
-                if item in worker.items:
-                    if item.taken:
-                        self._kill(worker)
-                    else:
-                        self._recall(worker, item)
-                    break
-
-    def _stop_workers(self) -> None:
-        with self._lock:
-            for worker in self._workers:
-                try:
-                    worker.channel.send(pickle.dumps(("stop",)))
-                except OSError:
-                    pass
-                self._close_worker(worker)  # a worker also exits when its socket closes
-        deadline = time.monotonic() + _STOP_GRACE
-        for process in [w.process for w in self._workers] + self._retired:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.exitcode is None:
-                process.kill()
-                process.join(1.0)
-        with self._lock:
-            self._workers.clear()
-            self._retired.clear()
-            self._close()
 
     def _close(self) -> None:
         self._selector.close()
