@@ -433,9 +433,9 @@ INFO = (
     ("throughput", "map_vs_raw1", "process map, default chunksize, ours/raw chunksize 1"),
     ("throughput", "plain_vs_best", "process map, no context, ours/raw best chunksize"),
     ("throughput", "process_body_ratio", "process: round trip with a 512 KB JSON body / small"),
-    ("throughput", "process_body_floor", "process: floor, small + what the raw pool adds for the body"),
+    ("throughput", "process_body_floor", "process: floor of that, raw pool's cost of the body"),
     ("throughput", "process_g_ratio", "process: round trip with a 1 MB g / small g"),
-    ("throughput", "process_g_floor", "process: floor, small + what the raw pool adds for the dict"),
+    ("throughput", "process_g_floor", "process: floor of that, raw pool's cost of the dict"),
 )
 #: Flag a headline ratio as noisy when the round-by-round median or the ratio
 #: of the fast quarters differs from it by more than this.
