@@ -4,7 +4,8 @@ round trip where users with real load look.
 - thread: ``N`` submits, then every result (20,000; 2,000 with ``--quick``),
   raw ``ThreadPoolExecutor(2)`` against ours, interleaved rounds;
 - thread: a submit round trip with ``g`` holding a 1 MB dict, against a small
-  ``g`` (how ``g`` is copied);
+  ``g`` (how ``g`` is copied), and the floor: the small round trip plus the
+  least a faithful copy of that dict costs (:func:`_least_copy`);
 - process: ``executor.map(identity, range(N))`` with the default chunksize
   (100,000 items; 10,000 with ``--quick``), against the raw pool's ``map``
   with its default chunksize of 1 (on a tenth of the items: it is slow) and
@@ -86,13 +87,14 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         out["thread_batch"] = block
         out["thread_batch_ratio"] = block["ours"]["ratio"]
 
-        def round_trips(value: Any) -> Runner:
+        def round_trips(value: Any, also: Callable[[], object] = lambda: None) -> Runner:
             def run(k: int) -> list[float]:
                 def go() -> list[float]:
                     g.payload = value
                     times = []
                     for _ in range(k):
                         start = time.perf_counter()
+                        also()
                         executor.submit(small_g_task).result(RESULT_TIMEOUT)
                         times.append(time.perf_counter() - start)
                     return times
@@ -101,13 +103,19 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
 
             return run
 
-        g_runners = [("small", round_trips("small")), ("big", round_trips(big))]
+        g_runners = [
+            ("small", round_trips("small")),
+            ("big", round_trips(big)),
+            ("floor", round_trips("small", lambda: _least_copy(big))),
+        ]
         print("\n  thread: submit + result with g holding a 1 MB dict vs a string")
         g_labels = {"small": "ours thread, g.payload = 'small'",
-                    "big": "ours thread, g.payload = 1 MB dict"}  # fmt: skip
+                    "big": "ours thread, g.payload = 1 MB dict",
+                    "floor": "floor: 'small' + the least a copy of the dict costs"}  # fmt: skip
         g_block = ratio_block(interleave(g_runners, 5 if quick else 15, 10), "small", g_labels)
         out["thread_g"] = g_block
         out["thread_g_ratio"] = g_block["big"]["ratio"]
+        out["thread_g_floor"] = g_block["floor"]["ratio"]
     finally:
         executor.shutdown(wait=True)
         raw.shutdown(wait=True)
@@ -173,6 +181,15 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
 
 def _big_dict() -> dict[str, str]:
     return {f"k{i}": f"{i:08d}" * 12 for i in range(10000)}  # about 1 MB of strings
+
+
+def _least_copy(value: dict[str, str]) -> None:
+    """The least work any faithful copy of ``value`` does in Python: copy its
+    table (``dict.copy``) and look at the type of every key and value (a
+    shallow copy is a deep one only if each is immutable)."""
+    value.copy()
+    list(map(type, value))
+    list(map(type, value.values()))
 
 
 def _json_body(size: int) -> bytes:

@@ -430,6 +430,7 @@ INFO = (
     ("upload", "time_ratio", "upload to a process task, time to result, ours/raw"),
     ("throughput", "thread_batch_ratio", "thread: submit 20,000 then results, ours/raw"),
     ("throughput", "thread_g_ratio", "thread: round trip with a 1 MB g / small g"),
+    ("throughput", "thread_g_floor", "thread: floor of that, small + the least copy of the dict"),
     ("throughput", "map_vs_raw1", "process map, default chunksize, ours/raw chunksize 1"),
     ("throughput", "plain_vs_best", "process map, no context, ours/raw best chunksize"),
     ("throughput", "process_body_ratio", "process: round trip with a 512 KB JSON body / small"),
