@@ -16,6 +16,7 @@ from process_support import MakeProcessExecutor
 from support import TIMEOUT
 
 from flask_executor import Executor, GAttributeNotCopiedError
+from flask_executor.serialize import deep_copy
 
 PROCESS_TIMEOUT = 60.0
 
@@ -96,6 +97,52 @@ def test_thread_g_copies_are_independent_of_the_view_and_of_each_other(
         key.note = "view"
         release.set()
         assert waiting.result(TIMEOUT) == original
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [1, "a", None, 1.5, b"x", True, 2j],  # mixed atomic types
+        {"a": 1, "b": "x", 3: None},
+        ["a"] * 100,  # one type
+        [],
+    ],
+    ids=["list-mixed", "dict-mixed", "list-one-type", "empty"],
+)
+def test_deep_copy_of_atomic_values_is_a_new_container_of_the_same_values(value: Any) -> None:
+    """deepcopy's copy of a container of immutable values: a new container,
+    the values themselves shared."""
+    copied = deep_copy(value)
+    assert copied == value and copied is not value
+    if isinstance(value, dict):
+        before, after = [*value, *value.values()], [*copied, *copied.values()]
+    else:
+        before, after = value, copied
+    assert all(a is b for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [1, "a", Tagged("x")],  # a str subclass is not atomic
+        {"a": "x", "b": Tagged("y")},
+        {Key(): "x"},  # nor a key of a class of its own
+        ["a", ["nested"]],
+        {"a": bytearray(b"mutable")},
+    ],
+    ids=["list-str-subclass", "dict-str-subclass", "dict-object-key", "nested", "bytearray"],
+)
+def test_deep_copy_copies_what_is_not_atomic(value: Any) -> None:
+    copied = deep_copy(value)
+    if isinstance(value, dict):  # the last key if it is an object, else the last value
+        (key, inner), (key_copy, inner_copy) = list(value.items())[-1], list(copied.items())[-1]
+        if isinstance(key, Key):
+            inner, inner_copy = key, key_copy
+    else:
+        inner, inner_copy = value[-1], copied[-1]
+    assert inner_copy is not inner and type(inner_copy) is type(inner)
+    if not isinstance(inner, Key):
+        assert inner_copy == inner
 
 
 # -- process: the request body -------------------------------------------------------
