@@ -12,7 +12,17 @@ from typing import Any
 
 from flask import Flask, current_app, g, request
 
-__all__ = ["ctx_fib", "ctx_task", "fib", "floor_task", "identity", "raw_task", "small_g_task"]
+__all__ = [
+    "body_task",
+    "ctx_fib",
+    "ctx_task",
+    "fib",
+    "floor_task",
+    "given",
+    "identity",
+    "raw_task",
+    "small_g_task",
+]
 
 RAW_RESULT = 42
 
@@ -66,3 +76,15 @@ def identity(x: Any) -> Any:
 def small_g_task() -> bool:
     """Reads ``g.payload`` (a small string or a large dict): a context is required."""
     return g.payload is not None
+
+
+def body_task() -> int:
+    """Reads the request body (``request.get_data()``, not parsed: parsing it
+    would time the JSON parser): its length. A request context is required."""
+    return len(request.get_data())
+
+
+def given(value: Any) -> bool:
+    """Takes one argument and returns a bool: a raw pool moving a large value
+    to a worker, and only that."""
+    return value is not None

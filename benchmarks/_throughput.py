@@ -4,7 +4,8 @@ round trip where users with real load look.
 - thread: ``N`` submits, then every result (20,000; 2,000 with ``--quick``),
   raw ``ThreadPoolExecutor(2)`` against ours, interleaved rounds;
 - thread: a submit round trip with ``g`` holding a 1 MB dict, against a small
-  ``g`` (how ``g`` is copied);
+  ``g`` (how ``g`` is copied), and the floor: the small round trip plus the
+  least a faithful copy of that dict costs (:func:`_least_copy`);
 - process: ``executor.map(identity, range(N))`` with the default chunksize
   (100,000 items; 10,000 with ``--quick``), against the raw pool's ``map``
   with its default chunksize of 1 (on a tenth of the items: it is slow) and
@@ -12,7 +13,11 @@ round trip where users with real load look.
   ``EXECUTOR_PUSH_APP_CONTEXT = False``; per item;
 - process: a 100 MB bytes argument returned as the result (20 MB with
   ``--quick``): time, and the web process's peak of :mod:`tracemalloc` in
-  copies of the bytes, and what it still holds after ``del result``.
+  copies of the bytes, and what it still holds after ``del result``;
+- process: a round trip from a request with a 512 KB JSON body, and one with
+  ``g`` holding the 1 MB dict, against the small context; beside them the
+  floor, a raw pool given the same bytes or dict as its argument against a
+  small one (:func:`_process_context_size`).
 
 Every figure is a median over rounds; the ratios are against the raw pool in
 the same run.
@@ -21,6 +26,7 @@ the same run.
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing
 import statistics
 import time
@@ -29,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
-from _tasks import ctx_task, identity, raw_task, small_g_task
+from _tasks import body_task, ctx_task, given, identity, raw_task, small_g_task
 from _timing import RESULT_TIMEOUT, Runner, interleave, ratio_block
 
 MiB = 1024 * 1024
@@ -57,7 +63,7 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
     )
     executor = Executor(app)
     raw = ThreadPoolExecutor(max_workers=2)
-    big = {f"k{i}": f"{i:08d}" * 12 for i in range(10000)}  # about 1 MB of strings
+    big = _big_dict()  # about 1 MB of strings
 
     def with_g(value: Any, submit: Callable[[], Any]) -> Any:
         def inner() -> Any:
@@ -81,13 +87,14 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         out["thread_batch"] = block
         out["thread_batch_ratio"] = block["ours"]["ratio"]
 
-        def round_trips(value: Any) -> Runner:
+        def round_trips(value: Any, also: Callable[[], object] = lambda: None) -> Runner:
             def run(k: int) -> list[float]:
                 def go() -> list[float]:
                     g.payload = value
                     times = []
                     for _ in range(k):
                         start = time.perf_counter()
+                        also()
                         executor.submit(small_g_task).result(RESULT_TIMEOUT)
                         times.append(time.perf_counter() - start)
                     return times
@@ -96,13 +103,19 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
 
             return run
 
-        g_runners = [("small", round_trips("small")), ("big", round_trips(big))]
+        g_runners = [
+            ("small", round_trips("small")),
+            ("big", round_trips(big)),
+            ("floor", round_trips("small", lambda: _least_copy(big))),
+        ]
         print("\n  thread: submit + result with g holding a 1 MB dict vs a string")
         g_labels = {"small": "ours thread, g.payload = 'small'",
-                    "big": "ours thread, g.payload = 1 MB dict"}  # fmt: skip
+                    "big": "ours thread, g.payload = 1 MB dict",
+                    "floor": "floor: 'small' + the least a copy of the dict costs"}  # fmt: skip
         g_block = ratio_block(interleave(g_runners, 5 if quick else 15, 10), "small", g_labels)
         out["thread_g"] = g_block
         out["thread_g_ratio"] = g_block["big"]["ratio"]
+        out["thread_g_floor"] = g_block["floor"]["ratio"]
     finally:
         executor.shutdown(wait=True)
         raw.shutdown(wait=True)
@@ -162,7 +175,108 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         ours.shutdown(wait=True)
         plain.shutdown(wait=True)
         pool.shutdown(wait=True)
+    out.update(_process_context_size(plan, make_app, method))
     return out
+
+
+def _big_dict() -> dict[str, str]:
+    return {f"k{i}": f"{i:08d}" * 12 for i in range(10000)}  # about 1 MB of strings
+
+
+def _least_copy(value: dict[str, str]) -> None:
+    """The least work any faithful copy of ``value`` does in Python: copy its
+    table (``dict.copy``) and look at the type of every key and value (a
+    shallow copy is a deep one only if each is immutable)."""
+    value.copy()
+    list(map(type, value))
+    list(map(type, value.values()))
+
+
+def _json_body(size: int) -> bytes:
+    """A JSON list of strings, ``size`` bytes long or a little less."""
+    return json.dumps([f"{i:08d}" * 6 for i in range(size // 52)]).encode()
+
+
+def _process_context_size(plan: Any, make_app: Any, method: str) -> dict[str, Any]:
+    """Process round trips from a request with a 512 KB JSON body (the view
+    has read ``request.get_json()``; the task reads ``request.get_data()``) and
+    with ``g`` holding a 1 MB dict, against the small context (``g.payload =
+    'small'``, no body), interleaved. The floor of each ratio: the small
+    context plus what the raw pool takes more to be given the same bytes or
+    dict as its argument than a small one (pickling, the pipe, unpickling)."""
+    from flask import g, request
+
+    from flask_executor import Executor
+
+    app = make_app("bench_ctx_size", EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
+    app.add_url_rule("/upload", "upload", lambda: "ok", methods=["POST"])
+    executor = Executor(app)
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context(method))
+    big, body = _big_dict(), _json_body(512 * 1024)
+
+    def ours(payload: Any, fn: Callable[[], Any], **request_args: Any) -> Runner:
+        def run(k: int) -> list[float]:
+            with app.test_request_context("/upload" if request_args else "/?a=1",
+                                          **request_args):  # fmt: skip
+                g.user = "alice"
+                g.payload = payload
+                if request_args:
+                    request.get_json()  # as a view would
+                times = []
+                for _ in range(k):
+                    start = time.perf_counter()
+                    executor.submit(fn).result(RESULT_TIMEOUT)
+                    times.append(time.perf_counter() - start)
+                return times
+
+        return run
+
+    def raw(value: Any) -> Runner:
+        def run(k: int) -> list[float]:
+            times = []
+            for _ in range(k):
+                start = time.perf_counter()
+                pool.submit(given, value).result(RESULT_TIMEOUT)
+                times.append(time.perf_counter() - start)
+            return times
+
+        return run
+
+    json_request = {"method": "POST", "data": body, "content_type": "application/json"}
+    runners: list[tuple[str, Runner]] = [
+        ("small", ours("small", small_g_task)),
+        ("body", ours("small", body_task, **json_request)),
+        ("big_g", ours(big, small_g_task)),
+        ("raw_small", raw("small")),
+        ("raw_body", raw(body)),
+        ("raw_big", raw(big)),
+    ]
+    try:
+        for _, runner in runners:
+            runner(2)  # warm-up: start the workers
+        labels = {
+            "small": "ours process(2), g.payload = 'small'",
+            "body": f"ours process(2), {len(body) // 1024} KB JSON body",
+            "big_g": "ours process(2), g.payload = 1 MB dict",
+            "raw_small": "floor: raw ProcessPoolExecutor(2), given 'small'",
+            "raw_body": f"floor: raw, given the {len(body) // 1024} KB body",
+            "raw_big": "floor: raw, given the 1 MB dict",
+        }
+        print("\n  process: round trip with a 512 KB JSON body / a 1 MB g vs a small context")
+        block = ratio_block(interleave(runners, 5 if plan.quick else 15, 10), "small", labels)
+    finally:
+        executor.shutdown(wait=True)
+        pool.shutdown(wait=True)
+    # The floor of each ratio: the small context plus what moving the same bytes
+    # or dict to a worker and unpickling it there costs the raw pool.
+    small, raw_small = block["small"]["median"], block["raw_small"]["median"]
+    return {
+        "process_ctx_size": block,
+        "process_body_ratio": block["body"]["ratio"],
+        "process_g_ratio": block["big_g"]["ratio"],
+        "process_body_floor": (small + block["raw_body"]["median"] - raw_small) / small,
+        "process_g_floor": (small + block["raw_big"]["median"] - raw_small) / small,
+    }
 
 
 def _large_round_trip(

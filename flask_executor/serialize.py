@@ -236,6 +236,27 @@ class _CopyPickler(pickle.Pickler):
 ATOMIC = (str, bytes, int, float, bool, type(None), complex)
 
 
+_ATOMIC_TYPES = frozenset(ATOMIC)
+
+
+def _all_atomic(values: Iterable[object]) -> bool:
+    """Whether every one of ``values`` is of an :data:`ATOMIC` type (exactly:
+    a ``str`` subclass may carry mutable attributes).
+
+    This runs over every value of a large ``g`` dict at each thread submit,
+    so it stays in C: ``map(type, ...)`` collects the types, and one
+    ``list.count`` (a pointer comparison per item) settles the usual case of
+    a single type; only mixed types are looked up in a set.
+    """
+    types = list(map(type, values))
+    if not types:
+        return True
+    first = types[0]
+    if first in _ATOMIC_TYPES and types.count(first) == len(types):
+        return True
+    return _ATOMIC_TYPES.issuperset(types)
+
+
 def deep_copy(value: object) -> Any:
     """A deep copy of ``value``, as :func:`copy.deepcopy` makes it, faster.
 
@@ -249,9 +270,9 @@ def deep_copy(value: object) -> Any:
     """
     # A dict or list of atomic values only: deepcopy's copy is a shallow one.
     if type(value) is dict:
-        if all(type(k) in ATOMIC and type(v) in ATOMIC for k, v in value.items()):
+        if _all_atomic(value.values()) and _all_atomic(value):
             return value.copy()
-    elif type(value) is list and all(type(v) in ATOMIC for v in value):
+    elif type(value) is list and _all_atomic(value):
         return value.copy()
     buffer = io.BytesIO()
     try:

@@ -103,14 +103,24 @@ class Snapshot:
     g_pickled: dict[str, bytes] = field(default_factory=dict)
 
     def __getstate__(self) -> dict[str, Any]:
+        """Pickle each ``g`` value that is not atomic on its own, once; one that
+        cannot be pickled (``g.db``, a lock) is left out here and listed as
+        omitted, so the payload around it never has to be pickled again."""
         state = dict(vars(self))
         values = self.g
         if any(type(value) not in _ATOMIC for value in values.values()):
-            state["g"] = {k: v for k, v in values.items() if type(v) in _ATOMIC}
-            state["g_pickled"] = {
-                **self.g_pickled,
-                **{k: dumps_nested(v) for k, v in values.items() if type(v) not in _ATOMIC},
-            }
+            atomic: dict[str, Any] = {}
+            pickled = dict(self.g_pickled)
+            omitted = dict(self.omitted_g)
+            for name, value in values.items():
+                if type(value) in _ATOMIC:
+                    atomic[name] = value
+                    continue
+                try:
+                    pickled[name] = dumps_nested(value)
+                except Exception:
+                    omitted[name] = type_name(value)
+            state.update(g=atomic, g_pickled=pickled, omitted_g=omitted)
         return state
 
     def for_one_item(self) -> Snapshot:
@@ -127,10 +137,10 @@ class Snapshot:
         return replace(self, request=replace(req, attrs=attrs, session=session_data))
 
     def picklable(self) -> Snapshot:
-        """A copy without the values that cannot be pickled (they are listed
-        as omitted, so reading them in the task says why they are missing)."""
-        g_values, omitted_g = _filter(self.g, _pickle_check)
-        snap = replace(self, g=g_values, omitted_g={**self.omitted_g, **omitted_g})
+        """A copy without the request's values that cannot be pickled (they
+        are listed as omitted, so reading them in the task says why they are
+        missing). ``g`` needs no filtering: pickling leaves out its own."""
+        snap = replace(self)
         if self.request is not None:
             attrs, omitted = _filter(self.request.attrs, _pickle_check)
             session_data, _ = _filter(self.request.session or {}, _pickle_check)
@@ -380,6 +390,12 @@ def _request_restore(app: Flask, snap: RequestSnapshot) -> RequestContext:
         environ["wsgi.input"] = _MissingBody(snap.body_missing or "the body was not captured")
     else:
         environ["wsgi.input"] = io.BytesIO(snap.body)
+        if snap.body:
+            # The stream is the whole body and ends with it, which is what a WSGI
+            # server says with this key (gunicorn and waitress always do): Werkzeug
+            # then reads it as it is (request.get_data() is the carried bytes, not
+            # a copy) instead of through a LimitedStream, 64 KB at a time.
+            environ.setdefault("wsgi.input_terminated", True)
     return RequestContext(app, environ, session=session_obj)
 
 
