@@ -22,7 +22,7 @@ from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeGuard
 
 import cloudpickle
 import flask
@@ -270,7 +270,7 @@ def deep_copy(value: object) -> Any:
     """
     # A dict or list of atomic values only: deepcopy's copy is a shallow one.
     if _atomic_container(value):
-        return value.copy()  # type: ignore[attr-defined]
+        return value.copy()
     buffer = io.BytesIO()
     try:
         _CopyPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
@@ -319,7 +319,7 @@ def dumps_nested(obj: object) -> bytes:
     return dumps(obj, by_value_main=_by_value_main.get())
 
 
-def _atomic_container(obj: object) -> bool:
+def _atomic_container(obj: object) -> TypeGuard[dict[Any, Any] | list[Any]]:
     """A dict or list that holds :data:`ATOMIC` values (and keys) only."""
     if type(obj) is dict:
         return _all_atomic(obj.values()) and _all_atomic(obj)
