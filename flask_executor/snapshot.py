@@ -110,8 +110,7 @@ class Snapshot:
         values = self.g
         if any(type(value) not in _ATOMIC for value in values.values()):
             atomic: dict[str, Any] = {}
-            pickled = dict(self.g_pickled)
-            omitted = dict(self.omitted_g)
+            pickled, omitted = dict(self.g_pickled), dict(self.omitted_g)
             for name, value in values.items():
                 if type(value) in _ATOMIC:
                     atomic[name] = value
@@ -391,10 +390,8 @@ def _request_restore(app: Flask, snap: RequestSnapshot) -> RequestContext:
     else:
         environ["wsgi.input"] = io.BytesIO(snap.body)
         if snap.body:
-            # The stream is the whole body and ends with it, which is what a WSGI
-            # server says with this key (gunicorn and waitress always do): Werkzeug
-            # then reads it as it is (request.get_data() is the carried bytes, not
-            # a copy) instead of through a LimitedStream, 64 KB at a time.
+            # A stream that ends with the body, as gunicorn's and waitress's do: Werkzeug
+            # reads it as it is, not again through a LimitedStream, 64 KB at a time.
             environ.setdefault("wsgi.input_terminated", True)
     return RequestContext(app, environ, session=session_obj)
 
@@ -573,7 +570,6 @@ def _form_body_reduce(req: Request, environ: dict[str, Any]) -> bytes:
         body = urlencode(list(req.form.items(multi=True))).encode()
     environ["CONTENT_LENGTH"] = str(len(body))
     return body
-
 
 
 class _MissingBody(io.RawIOBase):

@@ -225,3 +225,36 @@ def test_process_g_value_is_pickled_once_beside_an_unpicklable_one(
     assert rows == list(range(100))
     assert "g.lock was not copied into this task" in error and "pickled" in error
     assert len(_reduced) == 1
+
+
+_PLAIN_G = {
+    "flat": {f"k{i}": f"v{i}" * 10 for i in range(2000)},
+    "mixed": {"s": "x", "n": 1, "f": 1.5, "b": True, "none": None, "raw": b"\x00", "c": 2j, 3: "k"},
+    "repeated": ["same"] * 3 + [1, 1.0, True],
+    "nested": {"rows": [{"id": 1}, {"id": 2}], "pair": ("a", ["b"])},
+}
+
+
+def _plain_g_arrived() -> list[tuple[str, Any, list[str]]]:
+    def types(value: Any) -> list[str]:
+        items = [*value, *value.values()] if isinstance(value, dict) else list(value)
+        return [type(item).__name__ for item in items]
+
+    return [(name, getattr(g, name), types(getattr(g, name))) for name in _PLAIN_G]
+
+
+def test_process_g_values_arrive_exactly(
+    app: Flask, make_process_executor: MakeProcessExecutor
+) -> None:
+    """Dicts and lists of plain values (pickled without the pickler's memo) and
+    nested ones arrive equal, with the same types of keys and values."""
+    executor = make_process_executor(app, None)
+    with app.test_request_context("/"):
+        for name, value in _PLAIN_G.items():
+            setattr(g, name, value)
+        arrived = executor.submit(_plain_g_arrived).result(PROCESS_TIMEOUT)
+    assert [(name, value) for name, value, _ in arrived] == list(_PLAIN_G.items())
+    for name, _, kinds in arrived:
+        value = _PLAIN_G[name]
+        items = [*value, *value.values()] if isinstance(value, dict) else list(value)
+        assert kinds == [type(item).__name__ for item in items], name
