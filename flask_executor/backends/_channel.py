@@ -41,6 +41,9 @@ _READ = 1 << 16
 #: Incomplete messages at least this large are read into a buffer of their own.
 _LARGE = 1 << 20
 _SPLIT = struct.Struct("!BI")  # 0, then the header's length
+#: What the web process's end of a worker socket asks to buffer (the kernel
+#: caps it at ``net.core.wmem_max``; Linux's default buffer is 208 KiB).
+_SEND_BUFFER = 1 << 20
 
 
 def _frame(size: int) -> bytes:
@@ -102,6 +105,10 @@ def write_parts(conn: Connection, parts: list[memoryview]) -> None:
 def channel_pair() -> tuple[Channel, Connection]:
     """A channel for the web process and the connection for its worker."""
     ours, theirs = socket.socketpair()
+    try:  # a call of up to this size goes out at once, not in rounds of the dispatcher
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+    except OSError:
+        pass  # the system's limit (net.core.wmem_max) applies, as it does anyway
     fd = theirs.detach()
     # The worker reads and writes its end with blocking calls; under gevent the
     # socket pair comes non-blocking at the OS level (a large result then failed
