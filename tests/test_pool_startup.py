@@ -210,6 +210,25 @@ def test_script_without_main_guard(tmp_path: Path, start_method: str) -> None:
         assert "EXECUTOR_START_METHOD = 'fork'" in out
 
 
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_script_without_main_guard_nor_shutdown_exits_cleanly(
+    tmp_path: Path, start_method: str
+) -> None:
+    # The refused pool never registers with the exit hook (it printed an
+    # AttributeError about the pool the backend never got, when the backend
+    # was still alive at exit: here the kept error's traceback holds it).
+    source = NO_MAIN_GUARD.replace("    executor.shutdown()\n", "").replace(
+        '        print("error", exc, flush=True)\n',
+        '        print("error", exc, flush=True)\n        kept = exc\n',
+    )
+    assert source != NO_MAIN_GUARD
+    script = run_script(tmp_path, source, start_method)
+    out, err = script.communicate(timeout=WAIT * 2)
+    assert script.returncode == 0, err
+    assert out.startswith("error "), out
+    assert err == "", err
+
+
 @pytest.mark.slow
 def test_script_with_main_guard_works(tmp_path: Path, start_method: str) -> None:
     script = run_script(tmp_path, WITH_MAIN_GUARD, start_method)

@@ -78,8 +78,11 @@ class ProcessBackend(Backend):
     by_value_main = False  # workers import __main__ as __mp_main__, as the stdlib's do
 
     def __init__(self, options: BackendOptions) -> None:
+        # The pool first: a pool that is refused (a script without a main
+        # guard) leaves no half-made backend for the exit hook to shut down.
+        pool = _Pool(options)
         super().__init__(options)
-        self._pool = _Pool(options)
+        self._pool = pool
         # Dropped without shutdown(): finish what was submitted, then stop.
         # (At interpreter exit the backends' own exit hook does it, waiting.)
         weakref.finalize(self, self._pool.shutdown, False).atexit = False
