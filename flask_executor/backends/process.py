@@ -54,6 +54,7 @@ from ._start import (
     default_start_method,
     how_it_ended,
     init_error,
+    preload_fork_server,
     shutdown_error,
     start_error,
 )
@@ -304,8 +305,7 @@ class _Pool:
     # -- dispatcher thread ---------------------------------------------------------
 
     def _dispatch(self) -> None:
-        if self._context.get_start_method() == "forkserver":
-            self._context.set_forkserver_preload(["flask_executor.backends._worker"])
+        preload_fork_server(self._context)
         try:
             while True:
                 self._assign()
