@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import pytest
-from cold_support import loaded_modules
+from cold_support import loaded_modules, modules_since_init
 from flask import Flask, g
 from process_support import MakeProcessExecutor
 
@@ -102,6 +102,21 @@ def test_a_worker_never_imports_the_front(
     assert _under(modules, WEB_SIDE) == []
     if start_method == "forkserver":
         assert set(FORK_SERVER_PRELOAD) <= modules
+
+
+def test_a_forkserver_worker_imports_nothing_for_its_first_request(
+    app: Flask, make_process_executor: MakeProcessExecutor
+) -> None:
+    """What rebuilding the first request needs was preloaded by the fork server:
+    the worker imports nothing between its initializer and its first task's result
+    (before, the codec Werkzeug loads for the request's host)."""
+    executor = make_process_executor(
+        app, "forkserver", EXECUTOR_WORKER_INIT="cold_support:record_modules",
+        EXECUTOR_MAX_WORKERS=1,
+    )  # fmt: skip
+    with app.test_request_context("/?a=1"):
+        g.user = "alice"
+        assert executor.submit(modules_since_init).result(WAIT) == []
 
 
 class _Context:

@@ -17,6 +17,7 @@ from ..errors import ShutdownTimeoutError, TerminatedWorkerError
 from ..serialize import type_name
 
 __all__ = [
+    "FORK_SERVER_PRELOAD",
     "check_main_guard",
     "death_error",
     "default_start_method",
@@ -59,10 +60,11 @@ def preload_fork_server(context: Any) -> None:
 
     A worker forked from it starts with these modules imported, so a
     replacement worker (after a crash, a time limit or
-    ``EXECUTOR_MAX_TASKS_PER_CHILD``) imports nothing before its first
-    task. The package's web side (the ``executor`` front, ``jobs``,
-    ``status``, ``tracing``, the dashboard) is not among them: workers never
-    run it, and the package imports it only when a public name is used.
+    ``EXECUTOR_MAX_TASKS_PER_CHILD``) imports nothing for its first context
+    task but the modules of the task itself. The package's web side (the
+    ``executor`` front, ``jobs``, ``status``, ``tracing``, the dashboard) is
+    not among them: workers never run it, and the package imports it only
+    when a public name is used.
     """
     if context.get_start_method() == "forkserver":
         context.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
