@@ -1,5 +1,6 @@
-"""Starting worker processes: which start method, whether the web process's main
-script can be started from, and the errors that say how a worker ended."""
+"""Starting worker processes: which start method, what the fork server
+preloads, whether the web process's main script can be started from, and the
+errors that say how a worker ended."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from ..errors import ShutdownTimeoutError, TerminatedWorkerError
 from ..serialize import type_name
 
 __all__ = [
+    "FORK_SERVER_PRELOAD",
     "check_main_guard",
     "death_error",
     "default_start_method",
     "how_it_ended",
     "init_error",
+    "preload_fork_server",
     "shutdown_error",
     "start_error",
 ]
@@ -31,6 +34,40 @@ def default_start_method() -> str:
     ``fork``, which is unsafe in a multi-threaded web server."""
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
+
+
+#: What the fork server imports once, before it forks any worker, so that no
+#: worker imports it again: the worker's own code (and with it Flask, Werkzeug
+#: and cloudpickle), the stdlib modules every forkserver worker imports while
+#: it unpickles its start-up arguments (the socket it serves is passed as a
+#: ``popen_forkserver`` descriptor), and the codec Werkzeug loads to rebuild
+#: the first request. Only modules whose import has no effect beyond defining
+#: things: never the web process's ``__main__`` or the app's modules, whose top
+#: level each worker runs itself (and whose errors are reported as a worker
+#: start failure, see :func:`start_error`).
+FORK_SERVER_PRELOAD = (
+    "flask_executor.backends._worker",
+    "multiprocessing.popen_forkserver",
+    "encodings.idna",
+)
+
+
+def preload_fork_server(context: Any) -> None:
+    """Have the fork server of ``context`` (a :mod:`multiprocessing`
+    context) import :data:`FORK_SERVER_PRELOAD`; nothing for other start
+    methods. Call it before the context starts its first process: the fork
+    server is started then, and keeps what it imported for its lifetime.
+
+    A worker forked from it starts with these modules imported, so a
+    replacement worker (after a crash, a time limit or
+    ``EXECUTOR_MAX_TASKS_PER_CHILD``) imports nothing for its first context
+    task but the modules of the task itself. The package's web side (the
+    ``executor`` front, ``jobs``, ``status``, ``tracing``, the dashboard) is
+    not among them: workers never run it, and the package imports it only
+    when a public name is used.
+    """
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
 
 
 def check_main_guard(start_method: str) -> None:

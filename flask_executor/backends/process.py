@@ -52,7 +52,13 @@ from ..serialize import type_name
 from ..tasks import log_record_restore
 from . import Backend, BackendOptions, PickledTask, cancel_and_notify, settle
 from ._channel import channel_pair, control_pair, decode, split_header
-from ._start import check_main_guard, default_start_method, init_error, start_error
+from ._start import (
+    check_main_guard,
+    default_start_method,
+    init_error,
+    preload_fork_server,
+    start_error,
+)
 from ._worker import rebuild_outcome, release, worker_main
 from ._workers import ID, PREFETCH, START_ATTEMPTS, Endings, Worker, WorkItem
 
@@ -300,8 +306,7 @@ class _Pool(Endings):
     # -- dispatcher thread ---------------------------------------------------------
 
     def _dispatch(self) -> None:
-        if self._context.get_start_method() == "forkserver":
-            self._context.set_forkserver_preload(["flask_executor.backends._worker"])
+        preload_fork_server(self._context)
         try:
             while True:
                 self._assign()
