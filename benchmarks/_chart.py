@@ -30,6 +30,8 @@ def draw(results: dict[str, Any], summary: list[dict[str, Any]], path: str, meta
             ax.plot([limit, limit], [pos - 0.4, pos + 0.4], color="black", linewidth=1.5)
         ax.text(value, pos, f" {value:.2f}x", va="center", fontsize=8)
     ax.axvline(1.0, color="#555555", linewidth=0.8, linestyle="--")
+    if values and max(values) / max(min(values), 1e-3) > 20:
+        ax.set_xscale("log")  # ratios from 0.01x to 20x: a linear axis hides the small ones
     ax.set_yticks(positions, labels, fontsize=8)
     ax.set_xlabel("ratio (1.00x = the raw pool; black tick = target; green PASS, red MISS)")
     ax.set_title(
