@@ -119,7 +119,9 @@ def compare_v1(python: str, quick: bool, results: dict[str, Any], timeout: float
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "v1.json")
         cmd = [python, os.path.join(HERE, "bench.py"), "--legacy-v1"]
-        cmd += ["--only", "thread,process", "--json", out] + (["--quick"] if quick else [])
+        # The 20,000-task thread case of section throughput too, when this run has it.
+        only = "thread,process" + (",throughput" if "throughput" in results else "")
+        cmd += ["--only", only, "--json", out] + (["--quick"] if quick else [])
         print(f"  running: {' '.join(cmd)}\n  (PYTHONPATH unset, cwd {tmp})")
         proc = subprocess.run(
             cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout
@@ -166,4 +168,47 @@ def compare_v1(python: str, quick: bool, results: dict[str, Any], timeout: float
         f" {v1['meta']['flask_executor_version']}, {module})"
     )
     print_table(["figure", "2.0 (this run)", "1.0 (subprocess)"], rows)
-    return {"v1": v1}
+    return {"v1": v1, **_thread_batch_vs_v1(ours, old)}
+
+
+def _thread_batch_vs_v1(ours: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """Section throughput's 20,000 submits then results, 2.0 against 1.0.
+    The two ran in different interpreters, one after the other, so their
+    rounds cannot interleave: both the time ratio (medians of each one's
+    rounds) and the ratio of the ratios to each one's own raw pool, which
+    cancels a change of load between the two runs, are given."""
+    try:
+        new_block = ours["throughput"]["thread_batch"]
+        old_block = old["throughput"]["thread_batch"]
+    except (KeyError, TypeError):
+        return {}
+    n = ours["throughput"].get("thread_batch_n", "?")
+
+    def spread(figure: dict[str, Any]) -> str:
+        rounds = figure["rounds"]
+        return (
+            f"{figure['median'] * 1e6:.1f} ({min(rounds) * 1e6:.1f}-{max(rounds) * 1e6:.1f},"
+            f" {len(rounds)} rounds)"
+        )
+
+    time_ratio = new_block["ours"]["median"] / old_block["ours"]["median"]
+    raw_ratios = new_block["ours"]["ratio"] / old_block["ours"]["ratio"]
+    rows = [
+        ["2.0, us/task (round medians)", spread(new_block["ours"])],
+        ["1.0, us/task (round medians)", spread(old_block["ours"])],
+        ["raw pool in 2.0's run, us/task", spread(new_block["raw"])],
+        ["raw pool in 1.0's run, us/task", spread(old_block["raw"])],
+        ["2.0 / 1.0, time", f"{time_ratio:.2f}x"],
+        [
+            "2.0 / 1.0, each against its own raw pool",
+            f"{new_block['ours']['ratio']:.2f}x / {old_block['ours']['ratio']:.2f}x"
+            f" = {raw_ratios:.2f}x",
+        ],
+    ]
+    print(f"\n  thread: submit {n}, then every result (section throughput), 2.0 against 1.0")
+    print_table(["figure", "value"], rows)
+    return {
+        "thread_batch_vs_v1": time_ratio,
+        "thread_batch_vs_v1_raw_normalised": raw_ratios,
+        "thread_batch_n": n,
+    }
