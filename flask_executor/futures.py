@@ -20,14 +20,15 @@ import threading
 import time
 from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
-from contextlib import AbstractContextManager
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, PENDING, RUNNING
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Generic, TypeVar
 
-from flask import has_request_context, request
+from flask import Flask, has_app_context, has_request_context, request
 
 from .errors import StoreSignatureError, StoreUnavailableError
 from .serialize import type_name
+from .snapshot import Snapshot, restore
 from .stores.base import CANCEL_REFUSED, BaseStore, TaskRecord
 from .stores.memory import MemoryStore
 from .stores.remote import (
@@ -41,7 +42,7 @@ from .stores.remote import (
 )
 from .stores.signing import Signer, decode_outcome, encode_outcome
 
-__all__ = ["FutureCollection", "FutureProxy", "StoredFuture", "future_state"]
+__all__ = ["CallbackContext", "FutureCollection", "FutureProxy", "StoredFuture", "future_state"]
 
 logger = logging.getLogger("flask_executor")
 
@@ -55,8 +56,29 @@ WRITE_ATTEMPTS = 4
 
 T = TypeVar("T")
 
-#: Builds the context a done callback runs in (the submitting app's).
-ContextFactory = Callable[[], AbstractContextManager[Any]]
+
+
+class CallbackContext:
+    """The context a future's done callbacks run in: the submitting request's
+    (rebuilt from ``snap``) until :meth:`release`, which the future calls once
+    done, so that a finished future holds nothing of the request; the app's
+    after. A thread task is one too (:class:`~flask_executor.backends.thread.ThreadTask`):
+    one object per pending task rather than two."""
+
+    __slots__ = ("app", "snap")
+
+    def __init__(self, app: Flask, snap: Snapshot | None) -> None:
+        self.app = app
+        self.snap = snap
+
+    def context(self) -> AbstractContextManager[Any]:
+        snap = self.snap
+        if snap is None:
+            return self.app.app_context() if not has_app_context() else nullcontext()
+        return restore(self.app, snap)
+
+    def release(self) -> None:
+        self.snap = None
 
 
 class FutureProxy(Future[T], Generic[T]):
@@ -77,11 +99,21 @@ class FutureProxy(Future[T], Generic[T]):
         the app context.
     """
 
+    # The condition and the two lists of a Future are made when first used (a
+    # task that waits in a queue has not used them yet), not in __init__: a
+    # Future's Condition alone is 8 objects for the cyclic garbage collector,
+    # and a backlog of 20,000 pending tasks made its collections dominate.
+    __slots__ = ("_made",)
+
     def __init__(
-        self, context_factory: ContextFactory | None = None, timeout: float | None = None
+        self, context: CallbackContext | None = None, timeout: float | None = None
     ) -> None:
-        super().__init__()
-        self._context_factory = context_factory
+        # Future.__init__ minus what is made on first use (see the properties below).
+        self._made: dict[str, Any] = {}  # empty: not tracked by the garbage collector
+        self._state = PENDING
+        self._result: T | None = None
+        self._exception: BaseException | None = None
+        self._context = context
         #: Set by a backend that can stop the task while it runs.
         self._stop_running: Callable[[], None] | None = None
         #: This task's time limit (a job's ``timeout=``), or None: the executor's.
@@ -90,6 +122,32 @@ class FutureProxy(Future[T], Generic[T]):
         #: Set by a :class:`FutureCollection` with a shared store: told
         #: ``("running", None)`` and ``("meta", fields)``.
         self._listener: Callable[[str, Any], None] | None = None
+
+    # dict.setdefault is atomic: two threads that use a new future at once
+    # get the same condition.
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        made = self._made
+        condition = made.get("condition")
+        if condition is None:
+            condition = made.setdefault("condition", threading.Condition())
+        return condition  # type: ignore[no-any-return]
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        made = self._made
+        waiters = made.get("waiters")
+        if waiters is None:
+            waiters = made.setdefault("waiters", [])
+        return waiters  # type: ignore[no-any-return]
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[T]], object]]:
+        made = self._made
+        callbacks = made.get("callbacks")
+        if callbacks is None:
+            callbacks = made.setdefault("callbacks", [])
+        return callbacks  # type: ignore[no-any-return]
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -122,13 +180,13 @@ class FutureProxy(Future[T], Generic[T]):
         standard library, it runs in the thread that completes the future, or
         at once if the future is already done.
         """
-        factory = self._context_factory
-        if factory is None:
+        context = self._context
+        if context is None:
             super().add_done_callback(fn)
             return
 
         def callback(future: Future[T]) -> None:
-            with factory():
+            with context.context():
                 fn(future)
 
         super().add_done_callback(callback)
@@ -139,7 +197,7 @@ class FutureProxy(Future[T], Generic[T]):
         # logged and the next one runs, so a callback never breaks the worker
         # thread or dispatcher that completes futures.
         try:
-            for callback in self._done_callbacks:
+            for callback in self._made.get("callbacks", ()):
                 try:
                     callback(self)
                 except BaseException:
@@ -153,11 +211,11 @@ class FutureProxy(Future[T], Generic[T]):
         payload; in process mode also a reference cycle back to this future)
         and the snapshot behind the callback context. A callback added from
         now on runs in the app context only."""
-        self._done_callbacks: list[Callable[[Future[T]], object]] = []
+        self._made.pop("callbacks", None)
         self._stop_running = None
-        release = getattr(self._context_factory, "release", None)
-        if release is not None:
-            release()
+        context = self._context
+        if context is not None:
+            context.release()
 
     def cancel(self) -> bool:
         """Cancel the task.

@@ -24,13 +24,79 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from flask import Flask
+from werkzeug.datastructures import FileStorage
+
 from ..errors import TaskTimeoutError
-from ..futures import FutureProxy
+from ..futures import CallbackContext, FutureProxy
+from ..serialize import copy_filestorage
+from ..snapshot import Snapshot, restore
+from ..tasks import TaskHandle, _current_task
 from . import Backend, BackendOptions, cancel_and_notify, complete, settle, stop_unfinished
 
-__all__ = ["ThreadBackend"]
+__all__ = ["ThreadBackend", "ThreadTask"]
 
-_Item = tuple[FutureProxy[Any], Callable[[], Any]]
+
+class ThreadTask(CallbackContext):
+    """A thread task: ``fn(*args, **kwargs)`` inside the contexts rebuilt from
+    ``snap`` when called, and its future's callback context. One slotted
+    object, which is also what the queue holds: a backlog of pending tasks is
+    that many fewer objects for the cyclic garbage collector.
+
+    The worker calls :meth:`forget` once it is done with the task: the future
+    keeps the task as its callback context, not the call and its arguments.
+    """
+
+    __slots__ = ("future", "fn", "args", "kwargs", "run_snap")
+
+    future: FutureProxy[Any]
+
+    def __init__(
+        self,
+        app: Flask,
+        snap: Snapshot | None,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__(app, snap)
+        # The view's uploaded files are closed when its request ends.
+        if args and any(isinstance(arg, FileStorage) for arg in args):
+            args = tuple(copy_filestorage(a) if isinstance(a, FileStorage) else a for a in args)
+        self.fn: Callable[..., Any] | None = fn
+        self.args = args
+        self.kwargs = kwargs
+        #: ``snap`` for the call: :meth:`release` drops ``snap`` as soon as the
+        #: future is done, which a time limit can make happen before the call.
+        self.run_snap = snap
+
+    def _publish(self, kind: str, data: Any) -> None:
+        if kind == "meta":
+            self.future._merge_meta(data)
+
+    def __call__(self) -> Any:
+        fn, snap = self.fn, self.run_snap
+        if fn is None:
+            raise RuntimeError("this thread task was run already")
+        token = _current_task.set(TaskHandle(self._publish))
+        try:
+            call = self.app.ensure_sync(fn)
+            if snap is None:  # EXECUTOR_PUSH_APP_CONTEXT = False; async def still runs
+                return call(*self.args, **self.kwargs)
+            with restore(self.app, snap):
+                return call(*self.args, **self.kwargs)
+        finally:
+            _current_task.reset(token)
+
+    def forget(self) -> None:
+        """Drop the call and its arguments (the future stays: it is this
+        task's, and a cancelled one still needs the worker to notify it)."""
+        self.fn = self.run_snap = None
+        self.args = ()
+        self.kwargs = {}
+
+
+_Item = ThreadTask
 
 
 class ThreadBackend(Backend):
@@ -62,11 +128,12 @@ class ThreadBackend(Backend):
         # stop the deadline thread.
         self._finalizer = weakref.finalize(self, _wake_all, self._queue, self._deadlines)
 
-    def submit(self, future: FutureProxy[Any], task: Callable[[], Any]) -> None:
+    def submit(self, future: FutureProxy[Any], task: ThreadTask) -> None:
+        """Queue ``task``, a :class:`ThreadTask` of ``future``."""
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._queue.put((future, task))
+            self._queue.put(task)
             if not _take(self._idle) and len(self._threads) < self._max_workers:
                 thread = threading.Thread(
                     target=_work,
@@ -117,7 +184,8 @@ class ThreadBackend(Backend):
             except queue.Empty:
                 return
             if item is not None:
-                cancel_and_notify(item[0])
+                cancel_and_notify(item.future)
+                item.forget()
 
 
     def stats(self) -> dict[str, Any]:
@@ -168,21 +236,23 @@ def _work(
     It gets what it needs, not the backend, so that it does not keep the
     backend alive."""
     while True:
-        item = work_queue.get()
-        if item is None:
+        task = work_queue.get()
+        if task is None:
             work_queue.put(None)  # wake the next thread
             return
-        future, task = item
-        del item
-        if future.set_running_or_notify_cancel():
-            timeout = future._task_timeout or default_timeout
-            if timeout:
-                deadlines.add(time.monotonic() + timeout, future, timeout)
-            running.add(future)
-            try:
-                complete(future, task)
-            finally:
-                running.discard(future)
+        future = task.future
+        try:
+            if future.set_running_or_notify_cancel():
+                timeout = future._task_timeout or default_timeout
+                if timeout:
+                    deadlines.add(time.monotonic() + timeout, future, timeout)
+                running.add(future)
+                try:
+                    complete(future, task)
+                finally:
+                    running.discard(future)
+        finally:
+            task.forget()
         del future, task
         idle.append(None)
 
