@@ -13,6 +13,7 @@ meta, outcome), any process that uses the same store reads it, and gets a
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -81,6 +82,32 @@ class CallbackContext:
         self.snap = None
 
 
+class _Condition(threading.Condition):
+    """A :class:`threading.Condition` over its own RLock that reaches the
+    lock's methods through its class instead of binding five of them to each
+    instance: 3 objects for the garbage collector per future instead of 8
+    (a caller that keeps 20,000 finished futures keeps 100,000 fewer)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._waiters: collections.deque[Any] = collections.deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _release_save(self) -> Any:
+        return self._lock._release_save()  # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
+
+
 class FutureProxy(Future[T], Generic[T]):
     """The future of one task.
 
@@ -130,7 +157,7 @@ class FutureProxy(Future[T], Generic[T]):
         made = self._made
         condition = made.get("condition")
         if condition is None:
-            condition = made.setdefault("condition", threading.Condition())
+            condition = made.setdefault("condition", _Condition())
         return condition  # type: ignore[no-any-return]
 
     @property

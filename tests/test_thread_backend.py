@@ -24,12 +24,12 @@ from flask_executor.futures import FutureProxy
 
 def test_future_proxy_has_what_a_future_sets_up() -> None:
     """Pins the standard library: every attribute ``Future.__init__`` sets is
-    there on a new FutureProxy, of the same type (a future Python that adds
-    one fails here, not in a user's ``wait()``)."""
+    there on a new FutureProxy, of the same type or a subclass (a future
+    Python that adds one fails here, not in a user's ``wait()``)."""
     plain: Future[Any] = Future()
     proxy: FutureProxy[Any] = FutureProxy()
     for name, value in vars(plain).items():
-        assert type(getattr(proxy, name)) is type(value), name
+        assert isinstance(getattr(proxy, name), type(value)), name
     assert proxy._condition is proxy._condition
     assert proxy._waiters is proxy._waiters
     assert proxy._done_callbacks is proxy._done_callbacks
@@ -159,3 +159,63 @@ def test_finished_thread_future_holds_neither_call_nor_arguments(
         assert [ref() for ref in refs] == [None, None, None]
     finally:
         gc.enable()
+
+
+def test_dropped_thread_future_is_freed_without_the_cyclic_gc(
+    app: Flask, shutdown_after: Callable[[Executor], Executor]
+) -> None:
+    """A finished future and its task form no reference cycle: dropping the
+    future frees it at once, as with the stdlib pool, in request, app context
+    and cancelled alike."""
+    app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
+    executor = shutdown_after(Executor(app))
+    assert executor.submit(_echo, 1).result(TIMEOUT) == 1  # the worker is up
+    release = threading.Event()
+    gc.collect()
+    gc.disable()
+    try:
+        with app.test_request_context("/?q=1"):
+            blocker = executor.submit(_wait_for, release)
+            futures = [executor.submit(_echo, i) for i in range(3)]
+        with app.app_context():
+            futures.append(executor.submit(_echo, 3))
+        assert futures[1].cancel()
+        release.set()
+        assert blocker.result(TIMEOUT) is True
+        concurrent.futures.wait(futures, timeout=TIMEOUT)
+        assert executor.submit(_echo, 4).result(TIMEOUT) == 4  # every task was handled
+        refs = [weakref.ref(f) for f in futures]
+        del futures, blocker
+        assert [ref() for ref in refs] == [None] * 4
+    finally:
+        gc.enable()
+
+
+def _tracked_per_finished_future(
+    app: Flask, executor: Executor | concurrent.futures.ThreadPoolExecutor, n: int = 500
+) -> float:
+    with app.app_context():
+        assert executor.submit(_echo, 0).result(TIMEOUT) == 0
+        gc.collect()
+        before = len(gc.get_objects())
+        futures = [executor.submit(_echo, i) for i in range(n)]
+        assert [f.result(TIMEOUT) for f in futures] == list(range(n))
+        assert executor.submit(_echo, n).result(TIMEOUT) == n  # the last task was dropped too
+        gc.collect()
+        return (len(gc.get_objects()) - before) / n
+
+
+def test_finished_thread_future_costs_the_gc_less_than_the_stdlib_future(
+    app: Flask, shutdown_after: Callable[[Executor], Executor]
+) -> None:
+    """A caller that keeps its futures (submit 20,000, then every result)
+    keeps what each finished future holds for the cyclic garbage collector:
+    at most the stdlib's (its Future with a Condition, RLock and two lists,
+    11 objects on Python 3.11) — ours: the future, its condition and lock
+    and their two queues, and the task as callback context."""
+    app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
+    executor = shutdown_after(Executor(app))
+    ours = _tracked_per_finished_future(app, executor)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as raw:
+        stdlib = _tracked_per_finished_future(app, raw)
+    assert ours < stdlib, (ours, stdlib)

@@ -43,13 +43,16 @@ class ThreadTask(CallbackContext):
     object, which is also what the queue holds: a backlog of pending tasks is
     that many fewer objects for the cyclic garbage collector.
 
-    The worker calls :meth:`forget` once it is done with the task: the future
-    keeps the task as its callback context, not the call and its arguments.
+    A task runs once: then (and when the worker drops a cancelled one,
+    :meth:`forget`) it lets go of the call, its arguments and its future. The
+    future keeps the task as its callback context, so this is also what keeps
+    the two from forming a reference cycle, which only the cyclic garbage
+    collector could free.
     """
 
     __slots__ = ("future", "fn", "args", "kwargs", "run_snap")
 
-    future: FutureProxy[Any]
+    future: FutureProxy[Any] | None
 
     def __init__(
         self,
@@ -71,8 +74,9 @@ class ThreadTask(CallbackContext):
         self.run_snap = snap
 
     def _publish(self, kind: str, data: Any) -> None:
-        if kind == "meta":
-            self.future._merge_meta(data)
+        future = self.future
+        if kind == "meta" and future is not None:  # None: the task has ended
+            future._merge_meta(data)
 
     def __call__(self) -> Any:
         fn, snap = self.fn, self.run_snap
@@ -87,11 +91,12 @@ class ThreadTask(CallbackContext):
                 return call(*self.args, **self.kwargs)
         finally:
             _current_task.reset(token)
+            self.forget()
 
     def forget(self) -> None:
-        """Drop the call and its arguments (the future stays: it is this
-        task's, and a cancelled one still needs the worker to notify it)."""
-        self.fn = self.run_snap = None
+        """Drop the call, its arguments and the future (whoever runs or
+        cancels the task has its own reference to the future)."""
+        self.fn = self.run_snap = self.future = None
         self.args = ()
         self.kwargs = {}
 
@@ -184,8 +189,10 @@ class ThreadBackend(Backend):
             except queue.Empty:
                 return
             if item is not None:
-                cancel_and_notify(item.future)
+                future = item.future
                 item.forget()
+                if future is not None:
+                    cancel_and_notify(future)
 
 
     def stats(self) -> dict[str, Any]:
@@ -242,7 +249,7 @@ def _work(
             return
         future = task.future
         try:
-            if future.set_running_or_notify_cancel():
+            if future is not None and future.set_running_or_notify_cancel():
                 timeout = future._task_timeout or default_timeout
                 if timeout:
                     deadlines.add(time.monotonic() + timeout, future, timeout)
