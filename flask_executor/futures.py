@@ -13,7 +13,6 @@ meta, outcome), any process that uses the same store reads it, and gets a
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import os
@@ -21,12 +20,13 @@ import threading
 import time
 from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, PENDING, RUNNING
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from flask import Flask, has_app_context, has_request_context, request
 
+from ._leanfuture import LeanFuture
 from .errors import StoreSignatureError, StoreUnavailableError
 from .serialize import type_name
 from .snapshot import Snapshot, restore
@@ -43,7 +43,7 @@ from .stores.remote import (
 )
 from .stores.signing import Signer, decode_outcome, encode_outcome
 
-__all__ = ["CallbackContext", "FutureCollection", "FutureProxy", "StoredFuture", "future_state"]
+__all__ = ["FutureCollection", "FutureProxy", "StoredFuture", "future_state"]
 
 logger = logging.getLogger("flask_executor")
 
@@ -56,7 +56,6 @@ CANCEL_WAIT = 10.0
 WRITE_ATTEMPTS = 4
 
 T = TypeVar("T")
-
 
 
 class CallbackContext:
@@ -82,33 +81,7 @@ class CallbackContext:
         self.snap = None
 
 
-class _Condition(threading.Condition):
-    """A :class:`threading.Condition` over its own RLock that reaches the
-    lock's methods through its class instead of binding five of them to each
-    instance: 3 objects for the garbage collector per future instead of 8
-    (a caller that keeps 20,000 finished futures keeps 100,000 fewer)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._waiters: collections.deque[Any] = collections.deque()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def _release_save(self) -> Any:
-        return self._lock._release_save()  # type: ignore[attr-defined]
-
-    def _acquire_restore(self, state: Any) -> None:
-        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
-
-    def _is_owned(self) -> bool:
-        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
-
-
-class FutureProxy(Future[T], Generic[T]):
+class FutureProxy(LeanFuture[T]):
     """The future of one task.
 
     It behaves as any :class:`concurrent.futures.Future`; in addition
@@ -126,20 +99,10 @@ class FutureProxy(Future[T], Generic[T]):
         the app context.
     """
 
-    # The condition and the two lists of a Future are made when first used (a
-    # task that waits in a queue has not used them yet), not in __init__: a
-    # Future's Condition alone is 8 objects for the cyclic garbage collector,
-    # and a backlog of 20,000 pending tasks made its collections dominate.
-    __slots__ = ("_made",)
-
     def __init__(
         self, context: CallbackContext | None = None, timeout: float | None = None
     ) -> None:
-        # Future.__init__ minus what is made on first use (see the properties below).
-        self._made: dict[str, Any] = {}  # empty: not tracked by the garbage collector
-        self._state = PENDING
-        self._result: T | None = None
-        self._exception: BaseException | None = None
+        super().__init__()
         self._context = context
         #: Set by a backend that can stop the task while it runs.
         self._stop_running: Callable[[], None] | None = None
@@ -149,32 +112,6 @@ class FutureProxy(Future[T], Generic[T]):
         #: Set by a :class:`FutureCollection` with a shared store: told
         #: ``("running", None)`` and ``("meta", fields)``.
         self._listener: Callable[[str, Any], None] | None = None
-
-    # dict.setdefault is atomic: two threads that use a new future at once
-    # get the same condition.
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        made = self._made
-        condition = made.get("condition")
-        if condition is None:
-            condition = made.setdefault("condition", _Condition())
-        return condition  # type: ignore[no-any-return]
-
-    @property
-    def _waiters(self) -> list[Any]:  # type: ignore[override]
-        made = self._made
-        waiters = made.get("waiters")
-        if waiters is None:
-            waiters = made.setdefault("waiters", [])
-        return waiters  # type: ignore[no-any-return]
-
-    @property
-    def _done_callbacks(self) -> list[Callable[[Future[T]], object]]:
-        made = self._made
-        callbacks = made.get("callbacks")
-        if callbacks is None:
-            callbacks = made.setdefault("callbacks", [])
-        return callbacks  # type: ignore[no-any-return]
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -224,7 +161,7 @@ class FutureProxy(Future[T], Generic[T]):
         # logged and the next one runs, so a callback never breaks the worker
         # thread or dispatcher that completes futures.
         try:
-            for callback in self._made.get("callbacks", ()):
+            for callback in self._callbacks_added():
                 try:
                     callback(self)
                 except BaseException:
@@ -238,7 +175,7 @@ class FutureProxy(Future[T], Generic[T]):
         payload; in process mode also a reference cycle back to this future)
         and the snapshot behind the callback context. A callback added from
         now on runs in the app context only."""
-        self._made.pop("callbacks", None)
+        self._drop_callbacks()
         self._stop_running = None
         context = self._context
         if context is not None:

@@ -34,7 +34,7 @@ from ..snapshot import Snapshot, restore
 from ..tasks import TaskHandle, _current_task
 from . import Backend, BackendOptions, cancel_and_notify, complete, settle, stop_unfinished
 
-__all__ = ["ThreadBackend", "ThreadTask"]
+__all__ = ["ThreadBackend"]
 
 
 class ThreadTask(CallbackContext):
