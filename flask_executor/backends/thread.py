@@ -1,5 +1,5 @@
-"""Thread backend: worker threads running closures that rebuild the task's
-Flask context in the worker thread.
+"""Thread backend: worker threads running :class:`ThreadTask` objects, which
+rebuild the task's Flask context in the worker thread.
 
 It is a lean pool in the manner of :class:`~concurrent.futures.ThreadPoolExecutor`
 (one queue, threads started on demand up to ``max_workers``), except that it
@@ -101,11 +101,8 @@ class ThreadTask(CallbackContext):
         self.kwargs = {}
 
 
-_Item = ThreadTask
-
-
 class ThreadBackend(Backend):
-    """Runs closures in up to ``max_workers`` threads (default, as the
+    """Runs thread tasks in up to ``max_workers`` threads (default, as the
     standard library: ``min(32, cpu_count + 4)``).
 
     As in :class:`~concurrent.futures.ThreadPoolExecutor`, the threads hold the
@@ -116,7 +113,7 @@ class ThreadBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self._max_workers = options.max_workers or min(32, (os.cpu_count() or 1) + 4)
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[ThreadTask | None] = queue.SimpleQueue()
         #: One token per thread waiting for work. A deque, not a semaphore:
         #: its append and pop take no lock another thread can hold, so a
         #: submit never waits for a worker thread to give the GIL back.
@@ -226,13 +223,13 @@ def _take(idle: deque[None]) -> bool:
     return True
 
 
-def _wake_all(work_queue: queue.SimpleQueue[_Item | None], deadlines: _Deadlines) -> None:
+def _wake_all(work_queue: queue.SimpleQueue[ThreadTask | None], deadlines: _Deadlines) -> None:
     work_queue.put(None)
     deadlines.stop()
 
 
 def _work(
-    work_queue: queue.SimpleQueue[_Item | None],
+    work_queue: queue.SimpleQueue[ThreadTask | None],
     idle: deque[None],
     running: set[FutureProxy[Any]],
     deadlines: _Deadlines,
