@@ -33,8 +33,6 @@ from _tasks import ctx_task, identity, raw_task, small_g_task
 from _timing import RESULT_TIMEOUT, Runner, interleave, ratio_block
 
 MiB = 1024 * 1024
-#: Rounds of the 20,000-task thread case (each variant's round is one batch).
-THREAD_BATCH_ROUNDS = 5
 
 
 def _all_results(submit: Callable[[], Future[Any]], n: int) -> list[float]:
@@ -51,7 +49,7 @@ def thread_batch(plan: Any, make_app: Any, in_request: Any, executor_cls: Any) -
     ``--legacy-v1``), interleaved rounds. Also what ``--compare-1.0`` runs
     under 1.0, so both versions take the same steps."""
     n = 2000 if plan.quick else 20000
-    rounds = 1 if plan.quick else THREAD_BATCH_ROUNDS
+    rounds = plan.thread_batch_rounds
     app = make_app("bench_throughput_thread", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2)
     executor = executor_cls(app)
     raw = ThreadPoolExecutor(max_workers=2)
@@ -86,7 +84,7 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
     out["thread_batch"] = batch["block"]
     out["thread_batch_ratio"] = batch["block"]["ours"]["ratio"]
     out["thread_batch_n"] = batch["n"]
-    if plan.legacy:  # --compare-1.0 measures 1.0 on this case only
+    if plan.legacy or plan.thread_batch_only:  # what --compare-1.0 runs, in both versions
         return out
     app = make_app(
         "bench_throughput_thread", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2

@@ -76,6 +76,8 @@ class Plan:
     fib_tasks: int = 64
     cpu_rounds: int = 3
     cold_runs: int = 3
+    thread_batch_rounds: int = 5  # section throughput: 20,000 submits then results
+    thread_batch_only: bool = False  # section throughput: only that (implied by legacy)
 
     @classmethod
     def make(cls, quick: bool, legacy: bool = False) -> Plan:
@@ -85,6 +87,7 @@ class Plan:
         return replace(
             plan, quick=True, rounds=15, thread_n=60, batch_n=500, batch_rounds=3,
             process_n=40, config_n=40, fib_n=24, fib_tasks=16, cpu_rounds=1, cold_runs=2,
+            thread_batch_rounds=1,
         )  # fmt: skip
 
 
@@ -418,8 +421,7 @@ TARGETS = {
     "upload": Target("upload argument, web-process memory in copies", 1.0, 0.25, "copies", None),
     # issue 13: 2.0's time per task over 1.0's (separate interpreters, so no rounds pair up)
     "compare": Target("thread: submit {thread_batch_n:,} then results, ours/Flask-Executor 1.0",
-                      1.0, 1.0,
-                      "thread_batch_vs_v1", None),
+                      1.0, 1.0, "thread_batch_vs_v1", ("thread_batch_v1", "ours")),
 }  # fmt: skip
 INFO = (
     ("thread", "floor_ratio", "thread round trip, Flask's own floor/raw"),
@@ -593,11 +595,15 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     parser.add_argument("--legacy-v1", action="store_true", help=argparse.SUPPRESS)
+    # --compare-1.0: one round of section throughput's thread batch, and nothing else
+    parser.add_argument("--thread-batch-round", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if set(only) - set(SECTIONS):
         parser.error(f"unknown section in --only {args.only!r}; choose from {SECTIONS}")
     plan = Plan.make(args.quick, legacy=args.legacy_v1)
+    if args.thread_batch_round:
+        plan = replace(plan, thread_batch_rounds=1, thread_batch_only=True)
     info = meta(plan)
     print(
         f"flask-executor {info['flask_executor_version']} ({info['flask_executor_file']}),"
@@ -624,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_section(name, functools.partial(sections[name], plan))
     if args.compare:
         results["compare"] = run_section(
-            "compare", lambda: compare_v1(args.compare, plan.quick, results, WATCHDOG_SECONDS)
+            "compare",
+            lambda: compare_v1(args.compare, plan.quick, results, WATCHDOG_SECONDS),
         )
     alive = leftovers()
     summary = summary_lines(results)
