@@ -104,6 +104,9 @@ class FutureProxy(LeanFuture[T]):
     ) -> None:
         super().__init__()
         self._context = context
+        #: Once done: the app callbacks added from now on run in (the context
+        #: itself, a thread task, is let go).
+        self._app: Flask | None = None
         #: Set by a backend that can stop the task while it runs.
         self._stop_running: Callable[[], None] | None = None
         #: This task's time limit (a job's ``timeout=``), or None: the executor's.
@@ -146,8 +149,11 @@ class FutureProxy(LeanFuture[T]):
         """
         context = self._context
         if context is None:
-            super().add_done_callback(fn)
-            return
+            app = self._app
+            if app is None:  # a future made outside an executor
+                super().add_done_callback(fn)
+                return
+            context = CallbackContext(app, None)
 
         def callback(future: Future[T]) -> None:
             with context.context():
@@ -173,13 +179,15 @@ class FutureProxy(LeanFuture[T]):
         """Drop everything of the request once done: the callbacks (they hold
         the request's context), the backend's handle on the running task (the
         payload; in process mode also a reference cycle back to this future)
-        and the snapshot behind the callback context. A callback added from
-        now on runs in the app context only."""
+        and the callback context (a thread task: with its snapshot). A
+        callback added from now on runs in the app context only."""
         self._drop_callbacks()
         self._stop_running = None
         context = self._context
         if context is not None:
             context.release()
+            self._app = context.app
+            self._context = None
 
     def cancel(self) -> bool:
         """Cancel the task.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -210,12 +211,43 @@ def test_finished_thread_future_costs_the_gc_less_than_the_stdlib_future(
 ) -> None:
     """A caller that keeps its futures (submit 20,000, then every result)
     keeps what each finished future holds for the cyclic garbage collector:
-    at most the stdlib's (its Future with a Condition, RLock and two lists,
-    11 objects on Python 3.11) — ours: the future, its condition and lock
-    and their two queues, and the task as callback context."""
+    fewer than the stdlib's (its Future with a Condition, RLock and two lists,
+    11 objects on Python 3.11); ours: the future, the dict of what it made
+    on first use, its condition, lock and their two queues (6)."""
     app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
     executor = shutdown_after(Executor(app))
     ours = _tracked_per_finished_future(app, executor)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as raw:
         stdlib = _tracked_per_finished_future(app, raw)
     assert ours < stdlib, (ours, stdlib)
+
+
+def test_finished_future_lets_go_of_its_task_and_keeps_the_app_for_late_callbacks(
+    app: Flask, shutdown_after: Callable[[Executor], Executor]
+) -> None:
+    """Once done, a future keeps its app (a callback added later runs in the
+    app context), not its task: one object fewer per finished future kept by
+    a caller, and no cyclic garbage collection needed to free the task."""
+    app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
+    executor = shutdown_after(Executor(app))
+    release = threading.Event()
+    gc.collect()
+    gc.disable()
+    try:
+        with app.test_request_context("/?q=1"):
+            blocker = executor.submit(_wait_for, release)
+            future = executor.submit(_echo, "done")
+            task = future._context
+        assert isinstance(task, ThreadTask)
+        assert sys.getrefcount(task) > 2  # also the future's (and the queue's)
+        release.set()
+        assert blocker.result(TIMEOUT) is True
+        assert future.result(TIMEOUT) == "done"
+        assert executor.submit(_echo, 1).result(TIMEOUT) == 1  # the worker dropped the task
+        assert sys.getrefcount(task) == 2  # only this test's name and getrefcount's argument
+        del task
+        seen: list[tuple[str, bool]] = []
+        future.add_done_callback(lambda f: seen.append((current_app.name, f is future)))
+        assert seen == [(app.name, True)]
+    finally:
+        gc.enable()
