@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from _timing import print_table
+from _timing import lower_quartile, print_table
 
 __all__ = ["compare_v1", "cold_start"]
 
@@ -147,28 +147,55 @@ def cold_start(runs: int, method: str) -> dict[str, Any]:
     return out
 
 
-def compare_v1(python: str, quick: bool, results: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Section 6: run sections 1 and 2 of ``bench.py`` under ``python``, which
-    has Flask-Executor 1.0 installed (PYTHONPATH unset, so this checkout is
-    not importable there), and set its ratios beside this run's."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+def _run_bench(
+    python: str, args: list[str], timeout: float, legacy: bool, echo: bool = True
+) -> dict[str, Any]:
+    """Run ``bench.py ARGS`` under ``python`` in another working directory and
+    return its JSON report. ``legacy``: ``python`` has Flask-Executor 1.0
+    (``--legacy-v1``, PYTHONPATH unset so this checkout is not importable
+    there); else this checkout's flask_executor is put on PYTHONPATH."""
+    if legacy:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        args = ["--legacy-v1", *args]
+    else:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, _package_root()]))
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "v1.json")
-        cmd = [python, os.path.join(HERE, "bench.py"), "--legacy-v1"]
-        cmd += ["--only", "thread,process", "--json", out] + (["--quick"] if quick else [])
-        print(f"  running: {' '.join(cmd)}\n  (PYTHONPATH unset, cwd {tmp})")
+        out = os.path.join(tmp, "report.json")
+        cmd = [python, os.path.join(HERE, "bench.py"), *args, "--json", out]
+        if echo:
+            path = "unset" if legacy else env["PYTHONPATH"]
+            print(f"  running: {' '.join(cmd)}\n  (PYTHONPATH {path}, cwd {tmp})")
         proc = subprocess.run(
             cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout
         )
-        for line in (proc.stdout + proc.stderr).rstrip().splitlines():
-            print("  | " + line)
+        if echo or proc.returncode != 0:
+            for line in (proc.stdout + proc.stderr).rstrip().splitlines():
+                print("  | " + line)
         if proc.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"the 1.0 run failed with exit code {proc.returncode}")
+            raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
         with open(out) as f:
-            v1: dict[str, Any] = json.load(f)
+            report: dict[str, Any] = json.load(f)
+    module = report["meta"]["flask_executor_file"]
+    if legacy == module.startswith(_package_root() + os.sep):
+        which = "this checkout's" if legacy else "another"
+        raise RuntimeError(f"the run under {python} imported {which} flask_executor ({module})")
+    return report
+
+
+def _package_root() -> str:
+    import flask_executor
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(flask_executor.__file__)))
+
+
+def compare_v1(python: str, quick: bool, results: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Section 6: run sections 1 and 2 of ``bench.py`` under ``python``, which
+    has Flask-Executor 1.0 installed, and set its ratios beside this run's;
+    when this run has section throughput, also its 20,000 submits then
+    results, 2.0 and 1.0 alternating (see :func:`_thread_batch_vs_v1`)."""
+    quick_arg = ["--quick"] if quick else []
+    v1 = _run_bench(python, ["--only", "thread,process", *quick_arg], timeout, legacy=True)
     module = v1["meta"]["flask_executor_file"]
-    if module.startswith(os.path.dirname(HERE) + os.sep):
-        raise RuntimeError(f"the 1.0 run imported this checkout's flask_executor ({module})")
 
     def fig(
         sections: dict[str, Any], name: str, block: str = "sequential", variant: str = "ours"
@@ -202,4 +229,88 @@ def compare_v1(python: str, quick: bool, results: dict[str, Any], timeout: float
         f" {v1['meta']['flask_executor_version']}, {module})"
     )
     print_table(["figure", "2.0 (this run)", "1.0 (subprocess)"], rows)
-    return {"v1": v1}
+    out: dict[str, Any] = {"v1": v1}
+    if "throughput" in results:
+        out.update(_thread_batch_vs_v1(python, quick, timeout))
+    return out
+
+
+#: Alternations of one round of 2.0 and one round of 1.0 (a fresh 1.0 interpreter each).
+V1_BATCH_ROUNDS = 5
+
+
+def _thread_batch_vs_v1(python: str, quick: bool, timeout: float) -> dict[str, Any]:
+    """Section throughput's 20,000 submits then results, 2.0 against 1.0.
+    Two interpreters cannot interleave short rounds, so whole rounds
+    alternate, each in a fresh interpreter running only that round (its raw
+    pool, then the version's executor): 2.0 under this interpreter, 1.0 under
+    ``python``, the order swapping every time, so that a change of load hits
+    both alike and neither runs with more of a heap left by other sections
+    (a full pass of the garbage collector walks the whole heap). Given: each
+    version's median and range of round medians, the time ratio of the
+    medians (the summary's target), the median and range of the ratios of
+    neighbouring rounds, and the ratio of each version's ratio to its own raw
+    pool."""
+    rounds = 1 if quick else V1_BATCH_ROUNDS
+    args = ["--only", "throughput", "--thread-batch-round"] + (["--quick"] if quick else [])
+    samples: dict[str, list[float]] = {"ours": [], "ours_raw": [], "v1": [], "v1_raw": []}
+    n: Any = "?"
+
+    def run(version: str) -> None:
+        nonlocal n
+        legacy = version == "v1"
+        report = _run_bench(python if legacy else sys.executable, args, timeout, legacy, False)
+        section = report["sections"]["throughput"]
+        samples[version] += section["thread_batch"]["ours"]["rounds"]
+        samples[f"{version}_raw"] += section["thread_batch"]["raw"]["rounds"]
+        n = section.get("thread_batch_n", "?")
+
+    print(
+        f"\n  thread: submit N, then every result; {rounds} alternations of one round each,"
+        " each in a fresh interpreter"
+    )
+    for i in range(rounds):
+        for version in ("ours", "v1") if i % 2 == 0 else ("v1", "ours"):
+            run(version)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    paired = [a / b for a, b in zip(samples["ours"], samples["v1"], strict=True)]
+    time_ratio = medians["ours"] / medians["v1"]
+    own = {
+        version: statistics.median(
+            a / b for a, b in zip(samples[version], samples[f"{version}_raw"], strict=True)
+        )
+        for version in ("ours", "v1")
+    }
+    fast = lower_quartile(samples["ours"]) / lower_quartile(samples["v1"])
+
+    def spread(name: str) -> str:
+        values = samples[name]
+        return f"{medians[name] * 1e6:.1f} ({min(values) * 1e6:.1f}-{max(values) * 1e6:.1f})"
+
+    rows = [
+        ["2.0, us/task (round medians)", spread("ours")],
+        ["1.0, us/task (round medians)", spread("v1")],
+        ["raw pool next to 2.0, us/task", spread("ours_raw")],
+        ["raw pool next to 1.0, us/task", spread("v1_raw")],
+        ["2.0 / 1.0, time", f"{time_ratio:.2f}x"],
+        [
+            "2.0 / 1.0, round by round",
+            f"{statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f})",
+        ],
+        ["2.0 / 1.0, fast quarter", f"{fast:.2f}x"],
+        [
+            "2.0 / 1.0, each against its own raw pool",
+            f"{own['ours']:.2f}x / {own['v1']:.2f}x = {own['ours'] / own['v1']:.2f}x",
+        ],
+    ]
+    print(f"  (N = {n}; 1.0: {python})")
+    print_table(["figure", "value"], rows)
+    return {
+        "thread_batch_v1": {
+            "samples": samples,
+            "ours": {"paired_median": statistics.median(paired), "q1_ratio": fast},
+        },
+        "thread_batch_vs_v1": time_ratio,
+        "thread_batch_vs_v1_raw_normalised": own["ours"] / own["v1"],
+        "thread_batch_n": n,
+    }

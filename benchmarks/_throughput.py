@@ -49,29 +49,16 @@ def _all_results(submit: Callable[[], Future[Any]], n: int) -> list[float]:
     return [(time.perf_counter() - start) / n]
 
 
-def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -> dict[str, Any]:
-    from flask import g
-
-    from flask_executor import Executor
-
-    quick = plan.quick
-    out: dict[str, Any] = {}
-    # -- thread: N submits, then results ---------------------------------------------
-    n = 2000 if quick else 20000
-    app = make_app(
-        "bench_throughput_thread", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2
-    )
-    executor = Executor(app)
+def thread_batch(plan: Any, make_app: Any, in_request: Any, executor_cls: Any) -> dict[str, Any]:
+    """Submit ``N`` tasks, then every result: raw ``ThreadPoolExecutor(2)``
+    against ``executor_cls`` (ours, or Flask-Executor 1.0 under
+    ``--legacy-v1``), interleaved rounds. Also what ``--compare-1.0`` runs
+    under 1.0, so both versions take the same steps."""
+    n = 2000 if plan.quick else 20000
+    rounds = plan.thread_batch_rounds
+    app = make_app("bench_throughput_thread", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2)
+    executor = executor_cls(app)
     raw = ThreadPoolExecutor(max_workers=2)
-    big = _big_dict()  # about 1 MB of strings
-
-    def with_g(value: Any, submit: Callable[[], Any]) -> Any:
-        def inner() -> Any:
-            g.payload = value
-            return submit()
-
-        return inner
-
     try:
         runners: list[tuple[str, Runner]] = [
             ("raw", lambda k: _all_results(lambda: raw.submit(raw_task), k)),
@@ -80,13 +67,38 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         ]  # fmt: skip
         for _, runner in runners:
             runner(200)
-        print(f"  thread: submit {n}, then every result; per task, 3 rounds")
+        who = "Flask-Executor 1.0" if plan.legacy else "ours"
+        print(f"  thread: submit {n}, then every result; per task, {rounds} rounds")
         labels = {"raw": "raw ThreadPoolExecutor(2), raw_task",
-                  "ours": "ours thread(2), ctx_task in request"}  # fmt: skip
-        block = ratio_block(interleave(runners, 1 if quick else 3, n), "raw", labels)
-        out["thread_batch"] = block
-        out["thread_batch_ratio"] = block["ours"]["ratio"]
+                  "ours": f"{who} thread(2), ctx_task in request"}  # fmt: skip
+        block = ratio_block(interleave(runners, rounds, n), "raw", labels)
+    finally:
+        executor.shutdown(wait=True)
+        raw.shutdown(wait=True)
+    return {"block": block, "n": n, "rounds": rounds}
 
+
+def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -> dict[str, Any]:
+    from flask import g
+
+    from flask_executor import Executor
+
+    quick = plan.quick
+    out: dict[str, Any] = {}
+    # -- thread: N submits, then results ---------------------------------------------
+    batch = thread_batch(plan, make_app, in_request, Executor)
+    out["thread_batch"] = batch["block"]
+    out["thread_batch_ratio"] = batch["block"]["ours"]["ratio"]
+    out["thread_batch_n"] = batch["n"]
+    if plan.legacy or plan.thread_batch_only:  # what --compare-1.0 runs, in both versions
+        return out
+    app = make_app(
+        "bench_throughput_thread", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2
+    )
+    executor = Executor(app)
+    big = _big_dict()  # about 1 MB of strings
+
+    try:
         def round_trips(value: Any, also: Callable[[], object] = lambda: None) -> Runner:
             def run(k: int) -> list[float]:
                 def go() -> list[float]:
@@ -118,7 +130,6 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         out["thread_g_floor"] = g_block["floor"]["ratio"]
     finally:
         executor.shutdown(wait=True)
-        raw.shutdown(wait=True)
     # -- process: map ----------------------------------------------------------------
     items = 10000 if quick else 100000
     app = make_app(

@@ -79,6 +79,8 @@ class Plan:
     fib_tasks: int = 64
     cpu_rounds: int = 3
     cold_runs: int = 3
+    thread_batch_rounds: int = 5  # section throughput: 20,000 submits then results
+    thread_batch_only: bool = False  # section throughput: only that (implied by legacy)
 
     @classmethod
     def make(cls, quick: bool, legacy: bool = False) -> Plan:
@@ -88,6 +90,7 @@ class Plan:
         return replace(
             plan, quick=True, rounds=15, thread_n=60, batch_n=500, batch_rounds=3,
             process_n=40, config_n=40, fib_n=24, fib_tasks=16, cpu_rounds=1, cold_runs=2,
+            thread_batch_rounds=1,
         )  # fmt: skip
 
 
@@ -419,6 +422,9 @@ TARGETS = {
     "dask": Target("dask round trip, ours/raw client.submit", 1.25, 1.1, "ratio",
                    ("sequential", "ours")),
     "upload": Target("upload argument, web-process memory in copies", 1.0, 0.25, "copies", None),
+    # issue 13: 2.0's time per task over 1.0's (separate interpreters, so no rounds pair up)
+    "compare": Target("thread: submit {thread_batch_n:,} then results, ours/Flask-Executor 1.0",
+                      1.0, 1.0, "thread_batch_vs_v1", ("thread_batch_v1", "ours")),
 }  # fmt: skip
 INFO = (
     ("thread", "floor_ratio", "thread round trip, Flask's own floor/raw"),
@@ -431,7 +437,8 @@ INFO = (
     ("store", "sqlite_ratio", "stored task with the SQLite store / memory store"),
     ("store", "redis_ratio", "stored task with the Redis store / memory store"),
     ("upload", "time_ratio", "upload to a process task, time to result, ours/raw"),
-    ("throughput", "thread_batch_ratio", "thread: submit 20,000 then results, ours/raw"),
+    ("throughput", "thread_batch_ratio",
+     "thread: submit {thread_batch_n:,} then results, ours/raw"),
     ("throughput", "thread_g_ratio", "thread: round trip with a 1 MB g / small g"),
     ("throughput", "thread_g_floor", "thread: floor of that, small + the least copy of the dict"),
     ("throughput", "map_vs_raw1", "process map, default chunksize, ours/raw chunksize 1"),
@@ -445,7 +452,9 @@ INFO = (
     ("load", "plain_ratio", "process: submit {n:,} then wait, no context, ours/raw"),
     ("load", "pebble_ratio", "process: submit {n:,} then wait, Pebble/raw"),
     ("load", "loky_ratio", "process: submit {n:,} then wait, loky/raw"),
-)
+    ("compare", "thread_batch_vs_v1_raw_normalised",
+     "thread: submit {thread_batch_n:,} then results, (ours/raw) / (1.0/raw)"),
+)  # fmt: skip
 #: Flag a headline ratio as noisy when the round-by-round median or the ratio
 #: of the fast quarters differs from it by more than this.
 NOISY = 0.15
@@ -468,7 +477,10 @@ def summary_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
             continue
-        value = data[key]
+        value = data.get(key)
+        if value is None:  # e.g. --compare-1.0 without section throughput
+            continue
+        label = label.format(**data)
         higher = section == "cpu"
         if higher:
             ideal = min(2, data["cpus"] or 1)
@@ -590,14 +602,21 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-1.0",
         dest="compare",
         metavar="PYTHON",
-        help="also run sections 1-2 with this interpreter, which has Flask-Executor 1.0",
+        help=(
+            "also run sections 1-2 (and the 20,000-task thread case of throughput) with"
+            " this interpreter, which has Flask-Executor 1.0"
+        ),
     )
     parser.add_argument("--legacy-v1", action="store_true", help=argparse.SUPPRESS)
+    # --compare-1.0: one round of section throughput's thread batch, and nothing else
+    parser.add_argument("--thread-batch-round", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if set(only) - set(SECTIONS):
         parser.error(f"unknown section in --only {args.only!r}; choose from {SECTIONS}")
     plan = Plan.make(args.quick, legacy=args.legacy_v1)
+    if args.thread_batch_round:
+        plan = replace(plan, thread_batch_rounds=1, thread_batch_only=True)
     info = meta(plan)
     print(
         f"flask-executor {info['flask_executor_version']} ({info['flask_executor_file']}),"
@@ -627,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_section(name, functools.partial(sections[name], plan))
     if args.compare:
         results["compare"] = run_section(
-            "compare", lambda: compare_v1(args.compare, plan.quick, results, WATCHDOG_SECONDS)
+            "compare",
+            lambda: compare_v1(args.compare, plan.quick, results, WATCHDOG_SECONDS),
         )
     alive = leftovers()
     summary = summary_lines(results)

@@ -18,26 +18,24 @@ import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from flask import Blueprint, Flask, current_app, has_app_context
-from werkzeug.datastructures import FileStorage
 
 from . import backends, settings
 from .appspec import ConfigRules, app_spec
 from .backends import Backend, BackendOptions, PickledTask, create_backend, green_problem
+from .backends.thread import ThreadTask
 from .errors import SerializationError
-from .futures import FutureCollection, FutureProxy
+from .futures import CallbackContext, FutureCollection, FutureProxy
 from .jobs import ExecutorJob
-from .serialize import copy_filestorage, dumps_call, remove_files, spilled_uploads
+from .serialize import dumps_call, remove_files, spilled_uploads
 from .settings import str2bool  # noqa: F401 - importable here, as in 1.0
 from .signals import task_failed, task_finished, task_submitted
-from .snapshot import Snapshot, capture, restore
+from .snapshot import Snapshot, capture
 from .status import status_blueprint
 from .stores import BaseStore, open_store
-from .tasks import TaskHandle, _current_task
 from .tracing import traced
 
 __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
@@ -317,13 +315,14 @@ class Executor(concurrent.futures.Executor):
                     # task says so. Raises again, naming it, if fn or an argument fails.
                     snap = snap.picklable()
                     payload = dumps_call(fn, args, kwargs, snap, by_value_main=by_value)
-        future: FutureProxy[T] = FutureProxy(_callback_context(app, snap), timeout)
-        if spilled:  # the worker removes what it opened; this, what no task opened
-            Future.add_done_callback(future, functools.partial(remove_files, spilled))
         if backend.pickles:
             task = PickledTask(payload, spec_version, spec, state.push_app_context, chunked)
-        else:
-            task = _thread_task(app, snap, future, fn, args, kwargs)
+            future: FutureProxy[T] = FutureProxy(CallbackContext(app, snap), timeout)
+        else:  # the task is its future's callback context too: one object, not two
+            task = ThreadTask(app, snap, fn, args, kwargs)
+            future = task.future = FutureProxy(task, timeout)
+        if spilled:  # the worker removes what it opened; this, what no task opened
+            Future.add_done_callback(future, functools.partial(remove_files, spilled))
         if task_finished.receivers or task_failed.receivers:
             # The plain Future method: sending signals needs no app context.
             Future.add_done_callback(future, functools.partial(_send_outcome, app, key))
@@ -525,59 +524,6 @@ class Executor(concurrent.futures.Executor):
             state.backend = None
 
 
-def _thread_task(
-    app: Flask,
-    snap: Snapshot | None,
-    future: FutureProxy[T],
-    fn: Callable[..., T],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Callable[[], T]:
-    # The view's uploaded files are closed when its request ends.
-    if any(isinstance(arg, FileStorage) for arg in args):
-        args = tuple(copy_filestorage(a) if isinstance(a, FileStorage) else a for a in args)
-    return _ThreadTask(app, snap, future, fn, args, kwargs)
-
-
-class _ThreadTask:
-    """A thread task: ``fn(*args, **kwargs)`` inside the contexts rebuilt from
-    ``snap``. One slotted object rather than closures: a backlog of pending
-    tasks is that many fewer objects for the cyclic garbage collector."""
-
-    __slots__ = ("app", "snap", "future", "fn", "args", "kwargs")
-
-    def __init__(
-        self,
-        app: Flask,
-        snap: Snapshot | None,
-        future: FutureProxy[Any],
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        self.app = app
-        self.snap = snap
-        self.future = future
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-
-    def _publish(self, kind: str, data: Any) -> None:
-        if kind == "meta":
-            self.future._merge_meta(data)
-
-    def __call__(self) -> Any:
-        token = _current_task.set(TaskHandle(self._publish))
-        try:
-            call = self.app.ensure_sync(self.fn)
-            if self.snap is None:  # EXECUTOR_PUSH_APP_CONTEXT = False; async def still runs
-                return call(*self.args, **self.kwargs)
-            with restore(self.app, self.snap):
-                return call(*self.args, **self.kwargs)
-        finally:
-            _current_task.reset(token)
-
-
 def _qualname(fn: Callable[..., Any]) -> str:
     """``module.qualname`` of a task's callable, for its stored record."""
     inner = getattr(fn, "job", fn)  # a job behind retries
@@ -594,27 +540,6 @@ def _send_outcome(app: Flask, key: Hashable | None, future: Future[Any]) -> None
         task_finished.send(app, future=future, key=key, result=future.result())
     else:
         task_failed.send(app, future=future, key=key, exception=exception)
-
-
-class _callback_context:
-    """The context a future's done callbacks run in: the submitting request's
-    (from ``snap``) until :meth:`release`, which the future calls once done, so
-    that a finished future holds nothing of the request; the app's after."""
-
-    __slots__ = ("app", "snap")
-
-    def __init__(self, app: Flask, snap: Snapshot | None) -> None:
-        self.app = app
-        self.snap = snap
-
-    def __call__(self) -> AbstractContextManager[Any]:
-        snap = self.snap
-        if snap is None:
-            return self.app.app_context() if not has_app_context() else nullcontext()
-        return restore(self.app, snap)
-
-    def release(self) -> None:
-        self.snap = None
 
 
 def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

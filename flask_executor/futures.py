@@ -21,13 +21,15 @@ import time
 from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
-from contextlib import AbstractContextManager
-from typing import Any, Generic, TypeVar
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypeVar
 
-from flask import has_request_context, request
+from flask import Flask, has_app_context, has_request_context, request
 
+from ._leanfuture import LeanFuture
 from .errors import StoreSignatureError, StoreUnavailableError
 from .serialize import type_name
+from .snapshot import Snapshot, restore
 from .stores.base import CANCEL_REFUSED, BaseStore, TaskRecord
 from .stores.memory import MemoryStore
 from .stores.remote import (
@@ -55,11 +57,31 @@ WRITE_ATTEMPTS = 4
 
 T = TypeVar("T")
 
-#: Builds the context a done callback runs in (the submitting app's).
-ContextFactory = Callable[[], AbstractContextManager[Any]]
+
+class CallbackContext:
+    """The context a future's done callbacks run in: the submitting request's
+    (rebuilt from ``snap``) until :meth:`release`, which the future calls once
+    done, so that a finished future holds nothing of the request; the app's
+    after. A thread task is one too (:class:`~flask_executor.backends.thread.ThreadTask`):
+    one object per pending task rather than two."""
+
+    __slots__ = ("app", "snap")
+
+    def __init__(self, app: Flask, snap: Snapshot | None) -> None:
+        self.app = app
+        self.snap = snap
+
+    def context(self) -> AbstractContextManager[Any]:
+        snap = self.snap
+        if snap is None:
+            return self.app.app_context() if not has_app_context() else nullcontext()
+        return restore(self.app, snap)
+
+    def release(self) -> None:
+        self.snap = None
 
 
-class FutureProxy(Future[T], Generic[T]):
+class FutureProxy(LeanFuture[T]):
     """The future of one task.
 
     It behaves as any :class:`concurrent.futures.Future`; in addition
@@ -78,10 +100,13 @@ class FutureProxy(Future[T], Generic[T]):
     """
 
     def __init__(
-        self, context_factory: ContextFactory | None = None, timeout: float | None = None
+        self, context: CallbackContext | None = None, timeout: float | None = None
     ) -> None:
         super().__init__()
-        self._context_factory = context_factory
+        self._context = context
+        #: Once done: the app callbacks added from now on run in (the context
+        #: itself, a thread task, is let go).
+        self._app: Flask | None = None
         #: Set by a backend that can stop the task while it runs.
         self._stop_running: Callable[[], None] | None = None
         #: This task's time limit (a job's ``timeout=``), or None: the executor's.
@@ -122,13 +147,16 @@ class FutureProxy(Future[T], Generic[T]):
         standard library, it runs in the thread that completes the future, or
         at once if the future is already done.
         """
-        factory = self._context_factory
-        if factory is None:
-            super().add_done_callback(fn)
-            return
+        context = self._context
+        if context is None:
+            app = self._app
+            if app is None:  # a future made outside an executor
+                super().add_done_callback(fn)
+                return
+            context = CallbackContext(app, None)
 
         def callback(future: Future[T]) -> None:
-            with factory():
+            with context.context():
                 fn(future)
 
         super().add_done_callback(callback)
@@ -139,7 +167,7 @@ class FutureProxy(Future[T], Generic[T]):
         # logged and the next one runs, so a callback never breaks the worker
         # thread or dispatcher that completes futures.
         try:
-            for callback in self._done_callbacks:
+            for callback in self._callbacks_added():
                 try:
                     callback(self)
                 except BaseException:
@@ -151,13 +179,15 @@ class FutureProxy(Future[T], Generic[T]):
         """Drop everything of the request once done: the callbacks (they hold
         the request's context), the backend's handle on the running task (the
         payload; in process mode also a reference cycle back to this future)
-        and the snapshot behind the callback context. A callback added from
-        now on runs in the app context only."""
-        self._done_callbacks: list[Callable[[Future[T]], object]] = []
+        and the callback context (a thread task: with its snapshot). A
+        callback added from now on runs in the app context only."""
+        self._drop_callbacks()
         self._stop_running = None
-        release = getattr(self._context_factory, "release", None)
-        if release is not None:
-            release()
+        context = self._context
+        if context is not None:
+            context.release()
+            self._app = context.app
+            self._context = None
 
     def cancel(self) -> bool:
         """Cancel the task.

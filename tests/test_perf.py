@@ -17,12 +17,13 @@ from flask import Flask, g, request, session
 
 from flask_executor import Executor
 
-#: GC-tracked objects a pending thread task may cost beyond the stdlib pool's
-#: work item and Future (about 12 on Python 3.11, the Future's Condition and
-#: RLock alone are 8): the snapshot, the request copy and its environ, the
-#: task (9 on 3.11, where the raw pool costs 12; 9 on 3.10, where it costs 15).
-#: Before the fix it was 18 more.
-MAX_TRACKED_BEYOND_RAW = 10
+#: A pending thread task costs the cyclic garbage collector no more objects
+#: than the stdlib pool's work item and Future (12 on Python 3.11, 15 on 3.10):
+#: its future makes its Condition and lists on first use, and the task is
+#: also the queue's item and the future's callback context; what is left is
+#: the snapshot and the request copy (8 in all on 3.11). It was 20, and with a
+#: backlog of 20,000 tasks the collector's full passes dominated.
+MAX_TRACKED_BEYOND_RAW = 0
 
 
 def _read_context() -> tuple[str, Any]:

@@ -1,5 +1,5 @@
-"""Thread backend: worker threads running closures that rebuild the task's
-Flask context in the worker thread.
+"""Thread backend: worker threads running :class:`ThreadTask` objects, which
+rebuild the task's Flask context in the worker thread.
 
 It is a lean pool in the manner of :class:`~concurrent.futures.ThreadPoolExecutor`
 (one queue, threads started on demand up to ``max_workers``), except that it
@@ -24,17 +24,85 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from flask import Flask
+from werkzeug.datastructures import FileStorage
+
 from ..errors import TaskTimeoutError
-from ..futures import FutureProxy
+from ..futures import CallbackContext, FutureProxy
+from ..serialize import copy_filestorage
+from ..snapshot import Snapshot, restore
+from ..tasks import TaskHandle, _current_task
 from . import Backend, BackendOptions, cancel_and_notify, complete, settle, stop_unfinished
 
 __all__ = ["ThreadBackend"]
 
-_Item = tuple[FutureProxy[Any], Callable[[], Any]]
+
+class ThreadTask(CallbackContext):
+    """A thread task: ``fn(*args, **kwargs)`` inside the contexts rebuilt from
+    ``snap`` when called, and its future's callback context. One slotted
+    object, which is also what the queue holds: a backlog of pending tasks is
+    that many fewer objects for the cyclic garbage collector.
+
+    A task runs once: then (and when the worker drops a cancelled one,
+    :meth:`forget`) it lets go of the call, its arguments and its future. The
+    future keeps the task as its callback context, so this is also what keeps
+    the two from forming a reference cycle, which only the cyclic garbage
+    collector could free.
+    """
+
+    __slots__ = ("future", "fn", "args", "kwargs", "run_snap")
+
+    future: FutureProxy[Any] | None
+
+    def __init__(
+        self,
+        app: Flask,
+        snap: Snapshot | None,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__(app, snap)
+        # The view's uploaded files are closed when its request ends.
+        if args and any(isinstance(arg, FileStorage) for arg in args):
+            args = tuple(copy_filestorage(a) if isinstance(a, FileStorage) else a for a in args)
+        self.fn: Callable[..., Any] | None = fn
+        self.args = args
+        self.kwargs = kwargs
+        #: ``snap`` for the call: :meth:`release` drops ``snap`` as soon as the
+        #: future is done, which a time limit can make happen before the call.
+        self.run_snap = snap
+
+    def _publish(self, kind: str, data: Any) -> None:
+        future = self.future
+        if kind == "meta" and future is not None:  # None: the task has ended
+            future._merge_meta(data)
+
+    def __call__(self) -> Any:
+        fn, snap = self.fn, self.run_snap
+        if fn is None:
+            raise RuntimeError("this thread task was run already")
+        token = _current_task.set(TaskHandle(self._publish))
+        try:
+            call = self.app.ensure_sync(fn)
+            if snap is None:  # EXECUTOR_PUSH_APP_CONTEXT = False; async def still runs
+                return call(*self.args, **self.kwargs)
+            with restore(self.app, snap):
+                return call(*self.args, **self.kwargs)
+        finally:
+            _current_task.reset(token)
+            self.forget()
+
+    def forget(self) -> None:
+        """Drop the call, its arguments and the future (whoever runs or
+        cancels the task has its own reference to the future)."""
+        self.fn = self.run_snap = self.future = None
+        self.args = ()
+        self.kwargs = {}
 
 
 class ThreadBackend(Backend):
-    """Runs closures in up to ``max_workers`` threads (default, as the
+    """Runs thread tasks in up to ``max_workers`` threads (default, as the
     standard library: ``min(32, cpu_count + 4)``).
 
     As in :class:`~concurrent.futures.ThreadPoolExecutor`, the threads hold the
@@ -45,7 +113,7 @@ class ThreadBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self._max_workers = options.max_workers or min(32, (os.cpu_count() or 1) + 4)
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[ThreadTask | None] = queue.SimpleQueue()
         #: One token per thread waiting for work. A deque, not a semaphore:
         #: its append and pop take no lock another thread can hold, so a
         #: submit never waits for a worker thread to give the GIL back.
@@ -62,11 +130,12 @@ class ThreadBackend(Backend):
         # stop the deadline thread.
         self._finalizer = weakref.finalize(self, _wake_all, self._queue, self._deadlines)
 
-    def submit(self, future: FutureProxy[Any], task: Callable[[], Any]) -> None:
+    def submit(self, future: FutureProxy[Any], task: ThreadTask) -> None:
+        """Queue ``task``, a :class:`ThreadTask` of ``future``."""
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._queue.put((future, task))
+            self._queue.put(task)
             if not _take(self._idle) and len(self._threads) < self._max_workers:
                 thread = threading.Thread(
                     target=_work,
@@ -117,7 +186,10 @@ class ThreadBackend(Backend):
             except queue.Empty:
                 return
             if item is not None:
-                cancel_and_notify(item[0])
+                future = item.future
+                item.forget()
+                if future is not None:
+                    cancel_and_notify(future)
 
 
     def stats(self) -> dict[str, Any]:
@@ -151,13 +223,13 @@ def _take(idle: deque[None]) -> bool:
     return True
 
 
-def _wake_all(work_queue: queue.SimpleQueue[_Item | None], deadlines: _Deadlines) -> None:
+def _wake_all(work_queue: queue.SimpleQueue[ThreadTask | None], deadlines: _Deadlines) -> None:
     work_queue.put(None)
     deadlines.stop()
 
 
 def _work(
-    work_queue: queue.SimpleQueue[_Item | None],
+    work_queue: queue.SimpleQueue[ThreadTask | None],
     idle: deque[None],
     running: set[FutureProxy[Any]],
     deadlines: _Deadlines,
@@ -168,21 +240,23 @@ def _work(
     It gets what it needs, not the backend, so that it does not keep the
     backend alive."""
     while True:
-        item = work_queue.get()
-        if item is None:
+        task = work_queue.get()
+        if task is None:
             work_queue.put(None)  # wake the next thread
             return
-        future, task = item
-        del item
-        if future.set_running_or_notify_cancel():
-            timeout = future._task_timeout or default_timeout
-            if timeout:
-                deadlines.add(time.monotonic() + timeout, future, timeout)
-            running.add(future)
-            try:
-                complete(future, task)
-            finally:
-                running.discard(future)
+        future = task.future
+        try:
+            if future is not None and future.set_running_or_notify_cancel():
+                timeout = future._task_timeout or default_timeout
+                if timeout:
+                    deadlines.add(time.monotonic() + timeout, future, timeout)
+                running.add(future)
+                try:
+                    complete(future, task)
+                finally:
+                    running.discard(future)
+        finally:
+            task.forget()
         del future, task
         idle.append(None)
 
