@@ -31,7 +31,7 @@ OPTIONAL = [
     "tblib",
     "flask_executor.backends.dask",
     "flask_executor.backends.process",
-    "flask_executor.backends.thread",
+    # (not backends.thread: the default backend, whose task type the front builds)
     "flask_executor.cli",
     "flask_executor.dashboard",
     "flask_executor.stores.redis",
