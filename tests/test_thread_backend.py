@@ -251,3 +251,48 @@ def test_finished_future_lets_go_of_its_task_and_keeps_the_app_for_late_callback
         assert seen == [(app.name, True)]
     finally:
         gc.enable()
+
+
+class _Waker:
+    """A ``concurrent.futures`` waiter that notes, when the future wakes it,
+    whether the task's copy of ``g`` is still alive."""
+
+    def __init__(self, copy_of_g: Callable[[], Any]) -> None:
+        self.copy_of_g = copy_of_g
+        self.alive_at_wake: list[bool] = []
+
+    def add_result(self, future: Future[Any]) -> None:
+        self.alive_at_wake.append(self.copy_of_g() is not None)
+
+    add_exception = add_cancelled = add_result
+
+
+def _ref_to_g_copy(started: threading.Event, go: threading.Event) -> Any:
+    started.set()
+    go.wait(TIMEOUT)
+    return weakref.ref(g.big)
+
+
+def test_a_future_without_callbacks_lets_go_of_the_request_before_waking_its_waiters(
+    app: Flask, shutdown_after: Callable[[Executor], Executor]
+) -> None:
+    """The thread that waited for a result goes on with the task's copy of the
+    request and ``g`` already freed: a large ``g`` is not held twice while the
+    next submit copies it again. (With a callback, the copy lives until the
+    callbacks ran in it.)"""
+    app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
+    executor = shutdown_after(Executor(app))
+    started, go = threading.Event(), threading.Event()
+    with app.test_request_context("/"):
+        g.big = _Data()
+        future = executor.submit(_ref_to_g_copy, started, go)
+    assert started.wait(TIMEOUT)
+    # The task's copy of g, reached through the future's callback context.
+    copy_of_g = weakref.ref(future._context.snap.g["big"])  # type: ignore[union-attr]
+    waker = _Waker(copy_of_g)
+    with future._condition:
+        future._waiters.append(waker)
+    go.set()
+    ref = future.result(TIMEOUT)
+    assert waker.alive_at_wake == [False]
+    assert ref() is None
