@@ -47,6 +47,9 @@ WEB_SIDE = [
     "flask_executor.tracing",
     "flask_executor.dashboard",
     "flask_executor.cli",
+    # the futures and their stores: a worker completes no future
+    "flask_executor.futures",
+    "flask_executor.stores",
 ]
 
 

@@ -21,10 +21,12 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ShutdownTimeoutError
-from ..futures import FutureProxy
+
+if TYPE_CHECKING:  # a worker process imports this package: not the futures and stores
+    from ..futures import FutureProxy
 
 __all__ = ["Backend", "BackendOptions", "PickledTask"]
 
