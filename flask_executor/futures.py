@@ -161,25 +161,6 @@ class FutureProxy(LeanFuture[T]):
 
         super().add_done_callback(callback)
 
-    def set_result(self, result: T) -> None:
-        with self._condition:
-            self._release_unneeded()
-            super().set_result(result)
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        with self._condition:
-            self._release_unneeded()
-            super().set_exception(exception)
-
-    def _release_unneeded(self) -> None:
-        """With no callback to run in it (condition held), let go of the
-        request's context before the waiters wake, not after: the thread that
-        waited goes on with the task's copy of ``g`` and the request already
-        freed (a large ``g`` was otherwise still held while the next submit
-        copied it again)."""
-        if not self._callbacks_added():
-            self._release()
-
     def _invoke_callbacks(self) -> None:
         # Called once, when the future completes (result, exception or cancel).
         # Each callback is guarded: whatever one raises, even SystemExit, is
