@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from _tasks import ctx_task, floor_task, raw_task
+from _throughput import process_executors
 from _timing import Runner, batch, interleave, ratio_block
 
 
@@ -63,19 +64,9 @@ def section_load(
 ) -> dict[str, Any]:
     import flask
 
-    from flask_executor import Executor
-
     n = 2000 if plan.quick else 10000
     rounds = 3 if plan.quick else 5
-    app = make_app(
-        "bench_load",
-        EXECUTOR_TYPE="process",
-        EXECUTOR_MAX_WORKERS=2,
-        PLAIN_EXECUTOR_TYPE="process",
-        PLAIN_EXECUTOR_MAX_WORKERS=2,
-        PLAIN_EXECUTOR_PUSH_APP_CONTEXT=False,
-    )
-    ours, plain = Executor(app), Executor(app, name="plain")
+    app, ours, plain = process_executors(make_app, "bench_load")
     raw = raw_pool(method)
     peers, peer_labels, closers = _peers(method)
     try:

@@ -132,15 +132,7 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         executor.shutdown(wait=True)
     # -- process: map ----------------------------------------------------------------
     items = 10000 if quick else 100000
-    app = make_app(
-        "bench_throughput_process",
-        EXECUTOR_TYPE="process",
-        EXECUTOR_MAX_WORKERS=2,
-        PLAIN_EXECUTOR_TYPE="process",
-        PLAIN_EXECUTOR_MAX_WORKERS=2,
-        PLAIN_EXECUTOR_PUSH_APP_CONTEXT=False,
-    )
-    ours, plain = Executor(app), Executor(app, name="plain")
+    app, ours, plain = process_executors(make_app, "bench_throughput_process")
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context(method))
     try:
         best = -(-items // 8)
@@ -188,6 +180,22 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         pool.shutdown(wait=True)
     out.update(_process_context_size(plan, make_app, method))
     return out
+
+
+def process_executors(make_app: Any, name: str) -> tuple[Any, Any, Any]:
+    """An app with two process executors of two workers: ``ours`` with the
+    full context and ``plain`` with ``EXECUTOR_PUSH_APP_CONTEXT = False``."""
+    from flask_executor import Executor
+
+    app = make_app(
+        name,
+        EXECUTOR_TYPE="process",
+        EXECUTOR_MAX_WORKERS=2,
+        PLAIN_EXECUTOR_TYPE="process",
+        PLAIN_EXECUTOR_MAX_WORKERS=2,
+        PLAIN_EXECUTOR_PUSH_APP_CONTEXT=False,
+    )
+    return app, Executor(app), Executor(app, name="plain")
 
 
 def _big_dict() -> dict[str, str]:

@@ -105,15 +105,24 @@ def test_the_time_limit_of_a_task_sent_ahead_counts_from_its_start(
     assert pids[0] == pids[1]  # the same worker ran both: nothing was killed
 
 
-def test_a_cancelled_task_sent_ahead_never_runs_and_its_worker_lives(
-    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
-) -> None:
-    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+def marker_sent_ahead(
+    app: Flask, executor: Executor, gates: Gates, tmp_path: Path
+) -> tuple[Any, str, Any, str]:
+    """A task blocked on a gate, and one sent ahead behind it that would create
+    a marker file: ``(first, its gate, second, the marker's path)``."""
     first, gate = running_blocked(app, executor, gates, tmp_path, "first")
     marker = str(tmp_path / "ran")
     with app.app_context():
         second = executor.submit(touch, marker)
     wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    return first, gate, second, marker
+
+
+def test_a_cancelled_task_sent_ahead_never_runs_and_its_worker_lives(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    first, gate, second, marker = marker_sent_ahead(app, executor, gates, tmp_path)
     assert second.cancel()
     assert second.cancelled()
     wait_until(lambda: sent_ahead(executor) == 0, WAIT)  # given back by the worker
@@ -128,11 +137,7 @@ def test_shutdown_cancelling_futures_cancels_tasks_sent_ahead(
     app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
 ) -> None:
     executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
-    first, gate = running_blocked(app, executor, gates, tmp_path, "first")
-    marker = str(tmp_path / "ran")
-    with app.app_context():
-        second = executor.submit(touch, marker)
-    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    first, gate, second, marker = marker_sent_ahead(app, executor, gates, tmp_path)
     executor.shutdown(wait=False, cancel_futures=True)
     assert second.cancelled()
     touch(gate)
