@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeGuard
 
-import cloudpickle
 import flask
 from werkzeug.datastructures import FileStorage, Headers
 from werkzeug.local import LocalProxy
@@ -199,11 +198,25 @@ def import_object(module: str, qualname: str) -> Any:
     return target
 
 
-class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
-    dispatch_table = ChainMap(
-        {FileStorage: _filestorage_reduce, LocalProxy: _proxy_reduce},
-        cloudpickle.CloudPickler.dispatch_table,
-    )
+#: The reducers of the cloudpickle-based pickler, ahead of cloudpickle's own.
+_cloud_reducers: dict[type, Any] = {FileStorage: _filestorage_reduce, LocalProxy: _proxy_reduce}
+_cloud_pickler: type[pickle.Pickler] | None = None
+
+
+def _cloud() -> type[pickle.Pickler]:
+    """The pickler for what the standard one cannot pickle (lambdas, closures,
+    ``__main__`` by value), made on first use: cloudpickle is imported only
+    then, so a web process that never needs it, and every process worker
+    (whose calls are pickled by reference), start without it."""
+    global _cloud_pickler
+    if _cloud_pickler is None:
+        import cloudpickle
+
+        class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+            dispatch_table = ChainMap(_cloud_reducers, cloudpickle.CloudPickler.dispatch_table)
+
+        _cloud_pickler = _Pickler
+    return _cloud_pickler
 
 
 class _FastPickler(pickle.Pickler):
@@ -284,7 +297,7 @@ def register_reducer(cls: type, reducer: Callable[[Any], Any], *, main_by_refere
     process pickler (whose workers run the web process's ``__main__``)."""
     _FastPickler.dispatch_table[cls] = reducer
     if not main_by_reference:
-        _Pickler.dispatch_table.maps[0][cls] = reducer
+        _cloud_reducers[cls] = reducer
 
 
 def dumps(obj: object, *, by_value_main: bool = True) -> bytes:
@@ -346,7 +359,7 @@ def _dumps(obj: object, by_value_main: bool) -> bytes:
             return buffer.getvalue()
         except Exception:
             buffer = io.BytesIO()
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    _cloud()(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buffer.getvalue()
 
 

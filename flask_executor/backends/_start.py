@@ -37,9 +37,10 @@ def default_start_method() -> str:
 
 
 #: What the fork server imports once, before it forks any worker, so that no
-#: worker imports it again: the worker's own code (and with it Flask, Werkzeug
-#: and cloudpickle), the stdlib modules every forkserver worker imports while
-#: it unpickles its start-up arguments (the socket it serves is passed as a
+#: worker imports it again: the worker's own code (and with it Flask and
+#: Werkzeug; not cloudpickle, which only a call by value needs), the stdlib
+#: modules every forkserver worker imports while it unpickles its start-up
+#: arguments (the socket it serves is passed as a
 #: ``popen_forkserver`` descriptor), and the codec Werkzeug loads to rebuild
 #: the first request. Only modules whose import has no effect beyond defining
 #: things: never the web process's ``__main__`` or the app's modules, whose top
