@@ -243,3 +243,81 @@ def test_waitress_sigterm_drains_tasks_instead_of_dying(tmp_path: Path, kind: st
     assert outcome(tmp_path, "long") == "error:ShutdownTimeoutError", server.output()
     assert session_pids(server.pid) == []
     assert "Traceback" not in server.output(), server.output()
+
+
+# -- issue 13: tasks sent ahead, under a real server ----------------------------------------
+
+BURST_TASKS = '''
+import os
+import time
+from pathlib import Path
+
+OUT = Path(os.environ["OUT_DIR"])
+
+
+def mark(index):
+    (OUT / f"ran-{index}-{os.getpid()}").write_text("")
+    time.sleep(0.5)
+    return os.getpid()
+'''
+
+BURST_APP = '''
+import os
+
+from flask import Flask
+from flask_executor import Executor
+from bursttasks import OUT, mark
+
+app = Flask("burstapp")
+app.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
+executor = Executor(app)
+
+
+def record(index):
+    def callback(future):
+        error = future.exception()
+        text = f"ok:{future.result()}" if error is None else f"error:{type(error).__name__}"
+        (OUT / f"outcome-{index}").write_text(text)
+    return callback
+
+
+@app.get("/burst/<int:count>")
+def burst(count):
+    for index in range(count):
+        executor.submit(mark, index).add_done_callback(record(index))
+    return "submitted"
+'''
+
+
+def test_a_killed_pool_worker_fails_only_its_task_and_its_task_sent_ahead_runs_once(
+    tmp_path: Path,
+) -> None:
+    """A backlog under gunicorn: each pool worker runs a task and holds the next
+    one. SIGKILL one pool worker: the task it ran fails, every other task runs
+    exactly once (the one sent ahead to it on the replacement), none is lost."""
+    (tmp_path / "bursttasks.py").write_text(BURST_TASKS)
+    (tmp_path / "burstapp.py").write_text(BURST_APP)
+    count = 10
+    with GunicornServer(
+        "burstapp:app", cwd=tmp_path, workers=1, env={"OUT_DIR": str(tmp_path)}
+    ) as server:
+        assert server.get(f"/burst/{count}").text == "submitted"
+        # Both pool workers up and a backlog: each runs a task and holds the next.
+        wait_until(lambda: len(list(tmp_path.glob("ran-*"))) >= 3, timeout=30)
+        running = [
+            path for path in tmp_path.glob("ran-*")
+            if not (tmp_path / f"outcome-{path.name.split('-')[1]}").exists()
+        ]  # fmt: skip
+        victim_index, victim = (int(part) for part in running[0].name.split("-")[1:])
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(list(tmp_path.glob("outcome-*"))) == count, timeout=60)
+        outcomes = {i: (tmp_path / f"outcome-{i}").read_text() for i in range(count)}
+        runs = [path.name.split("-")[1:] for path in tmp_path.glob("ran-*")]
+    failed = [i for i, text in outcomes.items() if not text.startswith("ok:")]
+    assert failed == [victim_index], outcomes
+    assert outcomes[victim_index] == "error:TerminatedWorkerError"
+    ran = sorted(int(index) for index, _ in runs)
+    assert ran == list(range(count)), runs  # each task ran exactly once
+    for index, pid in runs:
+        if int(index) != victim_index:
+            assert outcomes[int(index)] == f"ok:{pid}"
