@@ -35,15 +35,12 @@ _STOP_GRACE = 5.0
 
 
 class WorkItem:
-    __slots__ = ("future", "task", "task_id", "started", "deadline", "taken", "deliveries",
-                 "recalled")  # fmt: skip
+    __slots__ = ("future", "task", "task_id", "deadline", "taken", "deliveries", "recalled")
 
     def __init__(self, future: FutureProxy[Any], task: PickledTask, task_id: int) -> None:
         self.future = future
         self.task = task
         self.task_id = task_id
-        #: The future was marked running: a worker took it.
-        self.started = False
         self.deadline: float | None = None
         #: The worker it was given to said it took it (and had not died before).
         self.taken = False
@@ -192,9 +189,9 @@ class Endings:
             return
         self._failed_starts = 0
         with self._lock:
-            items = [item for item in self._pending if not item.started]
-            for item in items:
-                self._pending.remove(item)
+            # Queued tasks never ran (a task a worker took is never queued again).
+            items = list(self._pending)
+            self._pending.clear()
         for item in items:
             if not settle(item.future, exception=error):
                 cancel_and_notify(item.future)  # it was cancelled meanwhile: let wait() see it

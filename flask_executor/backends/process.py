@@ -443,9 +443,8 @@ class _Pool(Endings):
 
     def _wait_and_handle(self) -> None:
         with self._lock:
-            deadlines = [
-                w.items[0].deadline for w in self._workers if w.items and w.items[0].deadline
-            ]
+            running = [w.running for w in self._workers]
+            deadlines = [item.deadline for item in running if item and item.deadline]
             deadlines += [w.start_deadline for w in self._workers if not w.ready]
             if self._stop_at is not None:
                 deadlines.append(self._stop_at)
@@ -523,13 +522,13 @@ class _Pool(Endings):
         # took is not delivered again): the web process no longer holds a
         # copy of a large argument while the task runs.
         item.task.payload = b""  # the task is this pool's own (made for this submit)
-        if not item.started:
-            if not item.future.set_running_or_notify_cancel():
-                # Cancelled while it was on its way, and the worker started it
-                # before it read the request to give it back: stop it.
-                self._kill(worker)
-                return
-            item.started = True
+        # Running from here: a task is taken once (one that a worker took is
+        # never delivered again).
+        if not item.future.set_running_or_notify_cancel():
+            # Cancelled while it was on its way, and the worker started it
+            # before it read the request to give it back: stop it.
+            self._kill(worker)
+            return
         timeout = item.future._task_timeout or self.options.task_timeout
         item.deadline = time.monotonic() + timeout if timeout else None
 
