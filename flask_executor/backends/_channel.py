@@ -29,8 +29,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 __all__ = [
-    "Channel", "channel_pair", "control_pair", "decode", "framed", "send_parts", "split_header",
-    "split_parts", "write_parts",
+    "CONTROL_ID", "Channel", "channel_pair", "control_pair", "decode", "framed", "send_parts",
+    "split_header", "split_parts", "write_parts",
 ]  # fmt: skip
 
 _SHORT = struct.Struct("!i")
@@ -41,6 +41,9 @@ _READ = 1 << 16
 #: Incomplete messages at least this large are read into a buffer of their own.
 _LARGE = 1 << 20
 _SPLIT = struct.Struct("!BI")  # 0, then the header's length
+#: One give-back request on a worker's control socket (see :func:`control_pair`):
+#: the id of the task sent ahead that the web process wants back.
+CONTROL_ID = struct.Struct("!q")
 #: What the web process's end of a worker socket asks to buffer (the kernel
 #: caps it at ``net.core.wmem_max``; Linux's default buffer is 208 KiB).
 _SEND_BUFFER = 1 << 20

@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import select
-import struct
 import threading
 import traceback
 from collections import deque
@@ -27,7 +26,7 @@ from ..errors import SerializationError
 from ..serialize import dumps, import_object, loads, type_name
 from ..snapshot import Snapshot, restore
 from ..tasks import Publisher, TaskHandle, _current_task, forward_logs
-from ._channel import decode, framed, split_parts, write_parts
+from ._channel import CONTROL_ID, decode, framed, split_parts, write_parts
 
 __all__ = ["Outcome", "RemoteTraceback", "rebuild_outcome", "release", "run_call", "worker_main"]
 
@@ -282,7 +281,7 @@ def release(fds: tuple[int, ...]) -> None:
 
 def _watch(fd: int, control: int | None, calls: _Calls) -> None:
     """Exit the process as soon as the peer of ``fd`` is closed (POLLHUP);
-    answer the give-back requests that arrive on ``control`` (8-byte ids).
+    answer the give-back requests that arrive on ``control`` (:data:`~._channel.CONTROL_ID`).
 
     This watches the pipe, not ``os.getppid()``: a forkserver worker's parent
     is the fork server, which may outlive the web process (and reading the
@@ -306,8 +305,8 @@ def _watch(fd: int, control: int | None, calls: _Calls) -> None:
             if not data:
                 os._exit(0)  # the web process is gone
             pending += data
-            whole = len(pending) - len(pending) % 8
-            for (task_id,) in struct.iter_unpack("!q", pending[:whole]):
+            whole = len(pending) - len(pending) % CONTROL_ID.size
+            for (task_id,) in CONTROL_ID.iter_unpack(pending[:whole]):
                 calls.give_back(task_id)
             pending = pending[whole:]
 

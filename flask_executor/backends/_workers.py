@@ -13,7 +13,6 @@ from __future__ import annotations
 import pickle
 import selectors
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -25,7 +24,7 @@ from . import BackendOptions, PickledTask, cancel_and_notify, settle
 from ._channel import Channel, decode
 from ._start import death_error, how_it_ended, shutdown_error, start_error
 
-__all__ = ["ID", "PREFETCH", "START_ATTEMPTS", "Endings", "Worker", "WorkItem"]
+__all__ = ["PREFETCH", "START_ATTEMPTS", "Endings", "Worker", "WorkItem"]
 
 #: Failed worker starts in a row after which the tasks waiting for a worker
 #: fail with the last start error (the next task tries again).
@@ -92,8 +91,6 @@ class Worker:
 #: busy and more tasks wait: it starts the next one without waiting for a
 #: round trip through the dispatcher. One is enough to never idle.
 PREFETCH = 1
-#: A give-back request on a worker's control socket: the task's id.
-ID = struct.Struct("!q")
 
 
 class Endings:
@@ -124,11 +121,7 @@ class Endings:
 
     def _retire(self, worker: Worker) -> None:
         with self._lock:
-            try:
-                worker.channel.send(pickle.dumps(("stop",)))
-            except OSError:
-                pass
-            self._close_worker(worker)  # the worker also exits when its socket closes
+            self._stop_worker(worker)
             requeue = list(worker.items)  # never sent past its limit; for safety
             worker.items.clear()
             self._pending.extendleft(reversed(requeue))
@@ -180,6 +173,15 @@ class Endings:
     def _close_worker(self, worker: Worker) -> None:
         worker.channel.close()
         worker.control.close()
+
+    def _stop_worker(self, worker: Worker) -> None:
+        """Tell ``worker`` to stop after what it runs, and close its sockets
+        (lock held): it also exits when they close."""
+        try:
+            worker.channel.send(pickle.dumps(("stop",)))
+        except OSError:
+            pass
+        self._close_worker(worker)
 
     def _start_failed(self, error: BaseException) -> None:
         """A worker could not start; after :data:`START_ATTEMPTS` in a row the
@@ -260,11 +262,7 @@ class Endings:
     def _stop_workers(self) -> None:
         with self._lock:
             for worker in self._workers:
-                try:
-                    worker.channel.send(pickle.dumps(("stop",)))
-                except OSError:
-                    pass
-                self._close_worker(worker)  # a worker also exits when its socket closes
+                self._stop_worker(worker)
         deadline = time.monotonic() + _STOP_GRACE
         for process in [w.process for w in self._workers] + self._retired:
             process.join(max(0.0, deadline - time.monotonic()))

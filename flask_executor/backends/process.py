@@ -51,7 +51,7 @@ from ..futures import FutureProxy
 from ..serialize import type_name
 from ..tasks import log_record_restore
 from . import Backend, BackendOptions, PickledTask, cancel_and_notify, settle
-from ._channel import channel_pair, control_pair, decode, split_header
+from ._channel import CONTROL_ID, channel_pair, control_pair, decode, split_header
 from ._start import (
     check_main_guard,
     default_start_method,
@@ -60,7 +60,7 @@ from ._start import (
     start_error,
 )
 from ._worker import rebuild_outcome, release, worker_main
-from ._workers import ID, PREFETCH, START_ATTEMPTS, Endings, Worker, WorkItem
+from ._workers import PREFETCH, START_ATTEMPTS, Endings, Worker, WorkItem
 
 __all__ = [
     "PREFETCH", "START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend", "default_start_method",
@@ -299,7 +299,7 @@ class _Pool(Endings):
             return
         item.recalled = True
         try:
-            worker.control.send(ID.pack(item.task_id))
+            worker.control.send(CONTROL_ID.pack(item.task_id))
         except OSError:
             pass  # it is dying: the item is delivered again when it is gone
 
