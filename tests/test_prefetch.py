@@ -60,14 +60,23 @@ def running_blocked(
     return future, gate
 
 
+def one_sent_ahead(
+    app: Flask, executor: Executor, gates: Gates, tmp_path: Path, fn: Any, *args: Any
+) -> tuple[Any, str, Any]:
+    """A task blocked on a gate, and ``fn(*args)`` sent ahead behind it on the
+    same (only) worker: ``(first, its gate, second)``."""
+    first, gate = running_blocked(app, executor, gates, tmp_path, "first")
+    with app.app_context():
+        second = executor.submit(fn, *args)
+    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    return first, gate, second
+
+
 def test_a_task_is_sent_ahead_to_a_busy_worker_and_runs_after(
     app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
 ) -> None:
     executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
-    first, gate = running_blocked(app, executor, gates, tmp_path, "first")
-    with app.app_context():
-        second = executor.submit(getpid)
-    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    first, gate, second = one_sent_ahead(app, executor, gates, tmp_path, getpid)
     # Sent, but not started: neither running nor counted as busy.
     assert not second.running() and not second.done()
     assert stats(executor)["busy"] == 1 and stats(executor)["queue"] == 1
@@ -79,10 +88,7 @@ def test_a_task_sent_ahead_to_a_worker_that_dies_runs_elsewhere(
     app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
 ) -> None:
     executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
-    first, _ = running_blocked(app, executor, gates, tmp_path, "first")
-    with app.app_context():
-        second = executor.submit(getpid)
-    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    first, _, second = one_sent_ahead(app, executor, gates, tmp_path, getpid)
     dead = stats(executor)["workers"][0]["pid"]
     os.kill(dead, signal.SIGKILL)
     with pytest.raises(Exception, match=f"pid {dead}"):
@@ -105,24 +111,12 @@ def test_the_time_limit_of_a_task_sent_ahead_counts_from_its_start(
     assert pids[0] == pids[1]  # the same worker ran both: nothing was killed
 
 
-def marker_sent_ahead(
-    app: Flask, executor: Executor, gates: Gates, tmp_path: Path
-) -> tuple[Any, str, Any, str]:
-    """A task blocked on a gate, and one sent ahead behind it that would create
-    a marker file: ``(first, its gate, second, the marker's path)``."""
-    first, gate = running_blocked(app, executor, gates, tmp_path, "first")
-    marker = str(tmp_path / "ran")
-    with app.app_context():
-        second = executor.submit(touch, marker)
-    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
-    return first, gate, second, marker
-
-
 def test_a_cancelled_task_sent_ahead_never_runs_and_its_worker_lives(
     app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
 ) -> None:
     executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
-    first, gate, second, marker = marker_sent_ahead(app, executor, gates, tmp_path)
+    marker = str(tmp_path / "ran")
+    first, gate, second = one_sent_ahead(app, executor, gates, tmp_path, touch, marker)
     assert second.cancel()
     assert second.cancelled()
     wait_until(lambda: sent_ahead(executor) == 0, WAIT)  # given back by the worker
@@ -137,7 +131,8 @@ def test_shutdown_cancelling_futures_cancels_tasks_sent_ahead(
     app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
 ) -> None:
     executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
-    first, gate, second, marker = marker_sent_ahead(app, executor, gates, tmp_path)
+    marker = str(tmp_path / "ran")
+    first, gate, second = one_sent_ahead(app, executor, gates, tmp_path, touch, marker)
     executor.shutdown(wait=False, cancel_futures=True)
     assert second.cancelled()
     touch(gate)
