@@ -11,7 +11,7 @@ therefore never blocks the thread that submits to it or the dispatcher that
 reads from it: its bytes simply wait.
 
 A message is a pickled tuple; a task's payload and its result travel as a
-*split* message instead (:func:`send_parts` / :meth:`Channel.send` with a
+*split* message instead (:func:`split_parts` / :meth:`Channel.send` with a
 ``body``, read back by :func:`decode`): a zero byte, the length of a pickled
 header tuple, the header, then the body's bytes as they are. A pickle never
 starts with a zero byte, so both kinds share the framing, and the bytes that
@@ -29,8 +29,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 __all__ = [
-    "CONTROL_ID", "Channel", "channel_pair", "control_pair", "decode", "framed", "send_parts",
-    "split_header", "split_parts", "write_parts",
+    "CONTROL_ID", "Channel", "channel_pair", "control_pair", "decode", "framed", "split_header",
+    "split_parts", "write_parts",
 ]  # fmt: skip
 
 _SHORT = struct.Struct("!i")
@@ -72,12 +72,6 @@ def decode(data: bytes | bytearray) -> tuple[Any, ...]:
     start = _SPLIT.size
     header: tuple[Any, ...] = pickle.loads(view[start : start + size])
     return (*header, view[start + size :])
-
-
-def send_parts(conn: Connection, header: tuple[Any, ...], body: bytes | memoryview) -> None:
-    """Send ``header`` and ``body`` as one split message over a worker's
-    blocking connection, ``body`` written from where it is (no copy)."""
-    write_parts(conn, split_parts(header, body))
 
 
 def split_parts(header: tuple[Any, ...], body: bytes | memoryview) -> list[memoryview]:
