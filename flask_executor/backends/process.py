@@ -584,9 +584,7 @@ class _Pool(Endings):
                  sum(1 for item in w.items if not item.taken))
                 for w in self._workers
             ]  # fmt: skip
-            queued = len(self._pending) + sum(
-                1 for w in self._workers for item in w.items if not item.taken
-            )
+            queued = len(self._pending) + sum(ahead for *_, ahead in workers)
         rows = []
         for pid, busy, done, ahead in workers:
             try:
