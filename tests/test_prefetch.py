@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,54 @@ def test_shutdown_cancelling_futures_cancels_tasks_sent_ahead(
     assert first.result(WAIT) > 0
     executor.shutdown(wait=True)
     assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("how", ["cancel", "shutdown"])
+def test_a_task_cancelled_while_sent_ahead_never_starts_however_late_the_dispatcher(
+    app: Flask,
+    make_process_executor: MakeProcessExecutor,
+    gates: Gates,
+    tmp_path: Path,
+    how: str,
+) -> None:
+    # On a loaded machine the dispatcher thread may run long after cancel()
+    # returned; the task before the cancelled one may end meanwhile. The
+    # dispatcher is held here (the pool's own stop-request handling waits) to
+    # make that window certain: the worker must still not start the task.
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    marker = str(tmp_path / "ran")
+    first, gate, second = one_sent_ahead(app, executor, gates, tmp_path, touch, marker)
+    pool = executor._app_and_state()[1].backend._pool  # type: ignore[union-attr]
+    handle, release = pool._handle_stop_requests, threading.Event()
+
+    def late() -> None:
+        release.wait(WAIT)
+        handle()
+
+    pool._handle_stop_requests = late
+    try:
+        if how == "cancel":
+            assert second.cancel()
+        else:
+            executor.shutdown(wait=False, cancel_futures=True)
+        assert second.cancelled()
+        touch(gate)  # the first task ends; the worker reads its next call
+        ran = marker_within(marker, 2.0)
+    finally:
+        release.set()
+    assert first.result(WAIT) > 0
+    assert not ran and second.cancelled()
+    executor.shutdown(wait=True)
+    assert not os.path.exists(marker)
+
+
+def marker_within(path: str, seconds: float) -> bool:
+    """Whether ``path`` appears within ``seconds``."""
+    try:
+        wait_for_path(path, seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 def test_max_tasks_per_child_counts_the_tasks_sent_ahead(

@@ -198,11 +198,12 @@ def worker_main(
     thread that had a request pushed never sees that request.
     """
     release(inherited)
-    calls = _Calls(conn)
     control_fd = None
-    if control is not None:  # a plain descriptor: the watcher only reads ids from it
+    if control is not None:  # a plain descriptor: only ids are read from it
         control_fd = os.dup(control.fileno())
         control.close()
+        os.set_blocking(control_fd, False)  # read by two threads, when data is there
+    calls = _Calls(conn, control_fd)
     threading.Thread(
         target=_watch,
         args=(conn.fileno(), control_fd, calls),
@@ -220,20 +221,27 @@ class _Calls:
 
     The web process sends a worker at most one call ahead of the one it runs.
     It may ask for such a call back (it was cancelled, or another worker is
-    idle): the watcher thread answers ``("skipped", id)`` if the call has not
-    started, and the serving thread then drops it when it reads it; a call
-    that started was already reported with ``("took", id)``. Both decisions
-    are made under one lock, so exactly one of the two answers is sent.
+    idle) on the control socket: the answer is ``("skipped", id)`` if the call
+    has not started, and the serving thread then drops it when it reads it; a
+    call that started was already reported with ``("took", id)``. Both
+    decisions are made under one lock, so exactly one of the two answers is
+    sent. The watcher thread reads the requests while a task runs, and the
+    serving thread reads what has arrived before it takes a call: a request
+    written before the call was due to start is always honoured, even when the
+    watcher thread has not run since (``cancel()`` writes it before it
+    returns).
     """
 
     #: Calls remembered as started: more than the web process ever has out.
     REMEMBER = 16
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, control: int | None = None) -> None:
         self.conn = conn
+        self.control = control
         self.lock = threading.Lock()  # also orders every message this worker sends
         self.started: deque[int] = deque(maxlen=self.REMEMBER)
         self.skipped: set[int] = set()
+        self.partial = b""  # the start of an id record not fully read yet
 
     def send(self, message: tuple[Any, ...]) -> None:
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
@@ -248,6 +256,7 @@ class _Calls:
         """Start ``task_id`` (say ``took``), or ``False``: it was given back.
         ``before`` (the last task's outcome) goes out first, in the same write."""
         with self.lock:
+            self._read_requests()
             if task_id in self.skipped:
                 self.skipped.discard(task_id)
                 write_parts(self.conn, before)
@@ -257,12 +266,29 @@ class _Calls:
             write_parts(self.conn, [*before, took])
             return True
 
-    def give_back(self, task_id: int) -> None:
+    def read_requests(self) -> None:
+        """Answer the give-back requests that have arrived (the watcher thread)."""
         with self.lock:
-            if task_id in self.started:
-                return  # its "took" is on its way
-            self.skipped.add(task_id)
-            self.conn.send_bytes(pickle.dumps(("skipped", task_id), pickle.HIGHEST_PROTOCOL))
+            self._read_requests()
+
+    def _read_requests(self) -> None:
+        if self.control is None:
+            return
+        try:
+            data = os.read(self.control, 4096)
+        except BlockingIOError:
+            return  # nothing there
+        except OSError:
+            data = b""
+        if not data:
+            os._exit(0)  # the web process is gone
+        pending = self.partial + data
+        whole = len(pending) - len(pending) % CONTROL_ID.size
+        for (task_id,) in CONTROL_ID.iter_unpack(pending[:whole]):
+            if task_id not in self.started:  # else its "took" is on its way
+                self.skipped.add(task_id)
+                self.conn.send_bytes(pickle.dumps(("skipped", task_id), pickle.HIGHEST_PROTOCOL))
+        self.partial = pending[whole:]
 
 
 def release(fds: tuple[int, ...]) -> None:
@@ -291,24 +317,13 @@ def _watch(fd: int, control: int | None, calls: _Calls) -> None:
     poller.register(fd, 0)  # no events asked: only hang-up and errors are reported
     if control is not None:
         poller.register(control, select.POLLIN)
-    pending = b""
     while True:
         for ready, event in poller.poll():
             if ready == fd or not event & select.POLLIN:
                 if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     os._exit(0)
                 continue
-            try:
-                data = os.read(ready, 4096)
-            except OSError:
-                data = b""
-            if not data:
-                os._exit(0)  # the web process is gone
-            pending += data
-            whole = len(pending) - len(pending) % CONTROL_ID.size
-            for (task_id,) in CONTROL_ID.iter_unpack(pending[:whole]):
-                calls.give_back(task_id)
-            pending = pending[whole:]
+            calls.read_requests()
 
 
 def _outcome_parts(task_id: int, outcome: Outcome) -> list[memoryview]:

@@ -244,9 +244,10 @@ class Endings:
             if running is not None:
                 settle(running.future, exception=shutdown_error(worker.process, self._stop_timeout))
             self._kill(worker)
-        for worker in list(self._workers):
-            for item in list(worker.items):
-                self._recall(worker, item)
+        with self._lock:
+            for worker in self._workers:
+                for item in list(worker.items):
+                    self._recall(worker, item)
 
     def _handle_stop_requests(self) -> None:
         while self._stop_requests:
@@ -255,8 +256,9 @@ class Endings:
                 if item in worker.items:
                     if item.taken:
                         self._kill(worker)
-                    else:
-                        self._recall(worker, item)
+                    else:  # cancel() has asked it back already: a no-op then
+                        with self._lock:
+                            self._recall(worker, item)
                     break
 
     def _stop_workers(self) -> None:

@@ -230,7 +230,18 @@ class _Pool(Endings):
 
     def _request_stop(self, item: WorkItem) -> None:
         """``item``'s future was cancelled: stop its task if it runs, take it
-        back if it was sent ahead (any thread)."""
+        back if it was sent ahead (any thread).
+
+        A task sent ahead is asked back here, before ``cancel()`` returns, not
+        by the dispatcher later: the worker reads the request before it takes
+        its next call, so a task reported cancelled while it had not started
+        never starts (one that started meanwhile is stopped like any other)."""
+        with self._lock:
+            for worker in self._workers:
+                if item in worker.items:
+                    if not item.taken:
+                        self._recall(worker, item)
+                    break
         self._stop_requests.append(item)
         self._wake()
 
