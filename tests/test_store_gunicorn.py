@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from servers import GunicornServer, RedisServer
+from support import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +110,10 @@ def test_killed_owner_is_reported_lost_by_the_others(store_url: str, tmp_path: P
     env = {"TEST_STORE": store_url}
     with GunicornServer("storeapp:app", cwd=_app_dir(tmp_path), workers=3, env=env) as server:
         owner = server.post("/start/long/1000").json()["pid"]
-        assert server.get("/poll/long").json()["state"] == "running"
+        # The store says "running" a write after the task starts, and this poll
+        # may reach another worker at once: wait for it (the kill must hit a
+        # running task).
+        wait_until(lambda: server.get("/poll/long").json()["state"] == "running", 30)
         os.kill(owner, signal.SIGKILL)
         killed_at = time.monotonic()
         while True:
