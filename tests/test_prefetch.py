@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_support import getpid, pid_is_alive
+from fault_support import getpid, identity, pid_is_alive
 from flask import Flask
 from process_support import MakeProcessExecutor
 from support import Gates, block_until, touch, wait_for_path, wait_until
 
 from flask_executor import Executor
+from flask_executor.backends.process import PREFETCH_SECONDS
 
 WAIT = 30.0
 
@@ -214,3 +215,95 @@ def test_a_task_waiting_behind_a_long_one_moves_to_a_worker_that_goes_idle(
     touch(short_gate)  # one worker goes idle; the other stays busy with the long task
     assert waiting.result(WAIT) == short_one.result(WAIT)
     assert not long_one.done()
+
+
+# -- how many are sent ahead -----------------------------------------------------
+
+
+def warm(app: Flask, executor: Executor, count: int = 60) -> int:
+    """Run ``count`` trivial tasks one by one: the pool learns that its tasks
+    are short (a worker's first task, which imports, counted as a long one).
+    Returns the worker's pid."""
+    with app.app_context():
+        pids = {executor.submit(getpid).result(WAIT) for _ in range(count)}
+    return pids.pop()
+
+
+def test_short_tasks_are_sent_ahead_several_at_a_time(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    warm(app, executor)
+    first, gate = running_blocked(app, executor, gates, tmp_path, "first")
+    with app.app_context():
+        waiting = [executor.submit(getpid) for _ in range(8)]
+    wait_until(lambda: sent_ahead(executor) >= 2, WAIT)
+    assert stats(executor)["queue"] == 8 and not any(f.running() for f in waiting)
+    touch(gate)
+    pid = first.result(WAIT)
+    assert [f.result(WAIT) for f in waiting] == [pid] * 8
+
+
+def test_long_tasks_are_sent_ahead_one_at_a_time(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    with app.app_context():
+        executor.submit(pid_after_sleep, PREFETCH_SECONDS * 3).result(WAIT)
+    first, gate = running_blocked(app, executor, gates, tmp_path, "first")
+    with app.app_context():
+        waiting = [executor.submit(getpid) for _ in range(4)]
+    wait_until(lambda: sent_ahead(executor) == 1, WAIT)
+    assert stats(executor)["queue"] == 4
+    touch(gate)
+    assert len({f.result(WAIT) for f in [first, *waiting]}) == 1
+
+
+def test_tasks_sent_ahead_to_a_worker_that_dies_all_run_on_its_replacement(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    dead = warm(app, executor)
+    first, _ = running_blocked(app, executor, gates, tmp_path, "first")
+    with app.app_context():
+        waiting = [executor.submit(getpid) for _ in range(8)]
+    wait_until(lambda: sent_ahead(executor) >= 2, WAIT)
+    os.kill(dead, signal.SIGKILL)
+    with pytest.raises(Exception, match=f"pid {dead}"):
+        first.result(WAIT)  # only the task it ran fails
+    pids = {f.result(WAIT) for f in waiting}
+    assert len(pids) == 1 and dead not in pids
+    wait_until(lambda: not pid_is_alive(dead), WAIT)
+
+
+def test_every_task_waiting_behind_a_long_one_moves_to_a_worker_that_goes_idle(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=2)
+    with app.app_context():  # both workers up, the pool's tasks known as short
+        for _ in range(30):
+            [f.result(WAIT) for f in [executor.submit(getpid) for _ in range(2)]]
+    long_one, _ = running_blocked(app, executor, gates, tmp_path, "long")
+    short_one, short_gate = running_blocked(app, executor, gates, tmp_path, "short")
+    with app.app_context():
+        waiting = [executor.submit(getpid) for _ in range(12)]
+    wait_until(lambda: sent_ahead(executor) == 12, WAIT)
+    rows = stats(executor)["workers"]
+    assert all(row["sent_ahead"] >= 2 for row in rows), rows  # both got several
+    touch(short_gate)  # one worker goes idle; the other stays busy with the long task
+    short_pid = short_one.result(WAIT)
+    assert [f.result(WAIT) for f in waiting] == [short_pid] * 12
+    assert not long_one.done()
+
+
+def test_bursts_of_short_tasks_each_run_once_while_workers_rebalance(
+    app: Flask, make_process_executor: MakeProcessExecutor
+) -> None:
+    # The end of each burst moves tasks between the workers (given back, sent
+    # again, sometimes to the same worker before it read the first copy): the
+    # pool must never take an answer about one copy for the other.
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=2)
+    with app.app_context():
+        for _ in range(100):
+            futures = [executor.submit(identity, i) for i in range(300)]
+            assert [f.result(WAIT) for f in futures] == list(range(300))

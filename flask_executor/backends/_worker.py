@@ -219,21 +219,23 @@ def worker_main(
 class _Calls:
     """Which calls this worker started and which it was asked to give back.
 
-    The web process sends a worker at most one call ahead of the one it runs.
-    It may ask for such a call back (it was cancelled, or another worker is
-    idle) on the control socket: the answer is ``("skipped", id)`` if the call
-    has not started, and the serving thread then drops it when it reads it; a
-    call that started was already reported with ``("took", id)``. Both
-    decisions are made under one lock, so exactly one of the two answers is
-    sent. The watcher thread reads the requests while a task runs, and the
-    serving thread reads what has arrived before it takes a call: a request
-    written before the call was due to start is always honoured, even when the
-    watcher thread has not run since (``cancel()`` writes it before it
-    returns).
+    The web process sends a worker calls ahead of the one it runs (at most
+    :data:`~._workers.PREFETCH`). It may ask for such a call back (it was
+    cancelled, or another worker is idle) on the control socket: the answer
+    is ``("skipped", id)`` if the call has not started, and the serving
+    thread then drops it when it reads it; a call that started was already
+    reported with ``("took", id)``. Both decisions are made under one lock,
+    so exactly one of the two answers is sent. The watcher thread reads the
+    requests while a task runs, and the serving thread reads what has
+    arrived before it takes a call: a request written before the call was
+    due to start is always honoured, even when the watcher thread has not
+    run since (``cancel()`` writes it before it returns).
     """
 
-    #: Calls remembered as started: more than the web process ever has out.
-    REMEMBER = 16
+    #: Calls remembered as started: more than the web process ever has out to
+    #: one worker (one running, :data:`~._workers.PREFETCH` ahead), so a request
+    #: to give back one that started is always known as too late.
+    REMEMBER = 256
 
     def __init__(self, conn: Connection, control: int | None = None) -> None:
         self.conn = conn

@@ -24,7 +24,7 @@ from . import BackendOptions, PickledTask, cancel_and_notify, settle
 from ._channel import Channel, decode
 from ._start import death_error, how_it_ended, shutdown_error, start_error
 
-__all__ = ["PREFETCH", "START_ATTEMPTS", "Endings", "Worker", "WorkItem"]
+__all__ = ["PREFETCH", "PREFETCH_SECONDS", "START_ATTEMPTS", "Endings", "Worker", "WorkItem"]
 
 #: Failed worker starts in a row after which the tasks waiting for a worker
 #: fail with the last start error (the next task tries again).
@@ -34,7 +34,8 @@ _STOP_GRACE = 5.0
 
 
 class WorkItem:
-    __slots__ = ("future", "task", "task_id", "deadline", "taken", "deliveries", "recalled")
+    __slots__ = ("future", "task", "task_id", "deadline", "taken", "took_at", "deliveries",
+                 "recalled")  # fmt: skip
 
     def __init__(self, future: FutureProxy[Any], task: PickledTask, task_id: int) -> None:
         self.future = future
@@ -43,6 +44,8 @@ class WorkItem:
         self.deadline: float | None = None
         #: The worker it was given to said it took it (and had not died before).
         self.taken = False
+        #: When the web process read its "took" (time.monotonic()).
+        self.took_at = 0.0
         self.deliveries = 0
         #: The worker it was sent ahead to was asked to give it back.
         self.recalled = False
@@ -87,10 +90,18 @@ class Worker:
         return None
 
 
-#: Calls sent to a busy worker ahead of the one it runs, when every worker is
-#: busy and more tasks wait: it starts the next one without waiting for a
-#: round trip through the dispatcher. One is enough to never idle.
-PREFETCH = 1
+#: The most calls sent to a busy worker ahead of the one it runs, when every
+#: worker is busy and more tasks wait: it starts the next one without waiting
+#: for a round trip through the dispatcher thread. How many it gets is set by
+#: :data:`PREFETCH_SECONDS`; one at least, and one while no task has finished.
+PREFETCH = 64
+
+#: How much work is sent ahead to a busy worker, by how long the pool's recent
+#: tasks ran: two of CPython's thread switch intervals (5 ms). While the web
+#: process's threads run Python code (a burst of submits), the dispatcher
+#: thread may wait that long for the GIL; a worker sent a single short task
+#: ahead idles for most of it. A task that ran 10 ms or longer gets one.
+PREFETCH_SECONDS = 0.01
 
 
 class Endings:

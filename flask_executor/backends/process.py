@@ -19,7 +19,8 @@ Each worker runs one task at a time and says when it takes one ("took"), so
 the dispatcher knows which task each worker runs: a worker that dies fails
 only that task, and a task past its time limit or cancelled while running has
 its worker killed. With a backlog, a worker that runs a task is sent the next
-one ahead (:data:`PREFETCH`); that task is still pending until the worker
+ones ahead (:data:`PREFETCH`, as many as the pool's recent task durations fit
+in :data:`PREFETCH_SECONDS`); such a task is still pending until the worker
 takes it, so it is delivered again if the worker dies, and cancelling it asks
 the worker to give it back over a second, control socket (its watcher thread
 answers while the task before it runs). No thread blocks on a worker (the web
@@ -60,10 +61,11 @@ from ._start import (
     start_error,
 )
 from ._worker import rebuild_outcome, release, worker_main
-from ._workers import PREFETCH, START_ATTEMPTS, Endings, Worker, WorkItem
+from ._workers import PREFETCH, PREFETCH_SECONDS, START_ATTEMPTS, Endings, Worker, WorkItem
 
 __all__ = [
-    "PREFETCH", "START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend", "default_start_method",
+    "PREFETCH", "PREFETCH_SECONDS", "START_ATTEMPTS", "WORKER_START_TIMEOUT", "ProcessBackend",
+    "default_start_method",
 ]  # fmt: skip
 
 logger = logging.getLogger("flask_executor")
@@ -149,6 +151,9 @@ class _Pool(Endings):
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._workers: list[Worker] = []
         self._retired: list[Any] = []
+        #: How long recent tasks ran (seconds, from "took" to the result;
+        #: rises at once, falls slowly); ``None`` until one finished.
+        self._task_seconds: float | None = None
         _pools.add(self)
 
     def _forked(self) -> None:
@@ -257,10 +262,24 @@ class _Pool(Endings):
         if not worker.ready or worker.broken:
             return False
         load = len(worker.items)
-        if load and not (ahead and load <= PREFETCH and worker.items[0].taken):
-            return False  # only behind a task it said it runs: it is alive, not frozen
+        if load and not (
+            ahead
+            and worker.items[0].taken  # behind a task it said it runs: alive, not frozen
+            and load <= self._ahead_limit()
+            and not worker.channel.sending  # what it was sent is out: no pile of payloads
+        ):
+            return False
         limit = self.options.max_tasks_per_child
         return not limit or worker.tasks_done + load < limit
+
+    def _ahead_limit(self) -> int:
+        """How many tasks a busy worker is sent ahead (see :data:`PREFETCH_SECONDS`)."""
+        seconds = self._task_seconds
+        if seconds is None:
+            return 1
+        if seconds * PREFETCH <= PREFETCH_SECONDS:
+            return PREFETCH
+        return max(1, int(PREFETCH_SECONDS / seconds))
 
     def _idle_worker(self, item: WorkItem, ahead: bool) -> Worker | None:
         """A worker that is up with room for ``item`` (an idle one; with
@@ -284,6 +303,10 @@ class _Pool(Endings):
         counting. If the worker's socket is already closed (it died before
         it got the task), the task goes back to the front of the queue."""
         worker.items.append(item)
+        # Each delivery has its own id: a worker that is given back a call it
+        # has not read yet and then gets it again holds two copies, and an
+        # answer about one must never be taken for the other.
+        item.task_id = next(self._ids)
         item.taken = item.recalled = False
         item.deliveries += 1
         task = item.task
@@ -387,15 +410,21 @@ class _Pool(Endings):
                 self._start_failed(error)
 
     def _rebalance(self) -> None:
-        """For each idle worker, ask back one call waiting behind a running
-        task in another worker (lock held): it runs on the idle one."""
+        """For each idle worker, ask back the later half of the calls waiting
+        behind a running task in the worker with the most (lock held): they
+        run on the idle one. The last are asked first, so that they are
+        queued again in their order."""
         idle = sum(1 for w in self._workers if not w.items and self._room(w, False))
-        for worker in self._workers:
-            if not idle:
+        for _ in range(idle):
+            tails = [
+                ([i for i in itertools.islice(w.items, 1, None) if not i.recalled], w)
+                for w in self._workers
+            ]
+            tail, worker = max(tails, key=lambda pair: len(pair[0]))
+            if not tail:
                 return
-            if len(worker.items) > 1 and not worker.items[-1].recalled:
-                self._recall(worker, worker.items[-1])
-                idle -= 1
+            for item in reversed(tail[len(tail) // 2 :]):
+                self._recall(worker, item)
 
     def _start_worker(self) -> BaseException | None:
         """Start a worker (lock held); the error if no process could be started."""
@@ -529,6 +558,7 @@ class _Pool(Endings):
         if item is None:
             return
         item.taken = True
+        item.took_at = now = time.monotonic()
         # The worker has the call and will never need it again (a task it
         # took is not delivered again): the web process no longer holds a
         # copy of a large argument while the task runs.
@@ -541,13 +571,13 @@ class _Pool(Endings):
             self._kill(worker)
             return
         timeout = item.future._task_timeout or self.options.task_timeout
-        item.deadline = time.monotonic() + timeout if timeout else None
+        item.deadline = now + timeout if timeout else None
 
     def _skipped(self, worker: Worker, task_id: int) -> None:
         """The worker gave back ``task_id`` unstarted: cancelled, or for
         another worker."""
         item = worker.find(task_id)
-        if item is None:
+        if item is None or item.taken:  # (a worker never gives back what it took)
             return
         worker.items.remove(item)
         item.deliveries -= 1  # it never reached the worker's hands
@@ -563,6 +593,7 @@ class _Pool(Endings):
             item = None
         if item is not None:  # while the worker still has it: a bug here fails it too
             ok, value = rebuild_outcome(outcome)
+            self._ran(time.monotonic() - item.took_at)
         limit = self.options.max_tasks_per_child
         with self._lock:
             worker.tasks_done += 1
@@ -578,6 +609,15 @@ class _Pool(Endings):
                 settle(item.future, result=value)
             else:
                 settle(item.future, exception=value)
+
+    def _ran(self, seconds: float) -> None:
+        """A task ran ``seconds``: a longer one counts at once (fewer are sent
+        ahead from the next assignment on), shorter ones little by little."""
+        last = self._task_seconds
+        if last is None or seconds >= last:
+            self._task_seconds = seconds
+        else:
+            self._task_seconds = last + (seconds - last) * 0.1
 
     def _close(self) -> None:
         self._selector.close()
