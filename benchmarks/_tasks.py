@@ -78,6 +78,11 @@ def small_g_task() -> bool:
     return g.payload is not None
 
 
+def small_g_task_given(value: object) -> bool:
+    """:func:`small_g_task`, handed ``value`` (dropped with the task, in its thread)."""
+    return small_g_task()
+
+
 def body_task() -> int:
     """Reads the request body (``request.get_data()``, not parsed: parsing it
     would time the JSON parser): its length. A request context is required."""

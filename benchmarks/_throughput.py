@@ -4,8 +4,12 @@ round trip where users with real load look.
 - thread: ``N`` submits, then every result (20,000; 2,000 with ``--quick``),
   raw ``ThreadPoolExecutor(2)`` against ours, interleaved rounds;
 - thread: a submit round trip with ``g`` holding a 1 MB dict, against a small
-  ``g`` (how ``g`` is copied), and the floor: the small round trip plus the
-  least a faithful copy of that dict costs (:func:`_least_copy`);
+  ``g`` (how ``g`` is copied), and two floors: the small round trip plus the
+  least a faithful copy of that dict costs (:func:`_least_copy`), dropped at
+  once; and the same copy handed to the task, which drops it in its own
+  thread, as the task's copy of ``g`` must be (freeing a dict of 10,000
+  entries in another thread than the one that made it touches each entry's
+  object again from the other CPU);
 - process: ``executor.map(identity, range(N))`` with the default chunksize
   (100,000 items; 10,000 with ``--quick``), against the raw pool's ``map``
   with its default chunksize of 1 (on a tenth of the items: it is slow) and
@@ -35,7 +39,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
-from _tasks import body_task, ctx_task, given, identity, raw_task, small_g_task
+from _tasks import (
+    body_task,
+    ctx_task,
+    given,
+    identity,
+    raw_task,
+    small_g_task,
+    small_g_task_given,
+)
 from _timing import RESULT_TIMEOUT, Runner, interleave, ratio_block
 
 MiB = 1024 * 1024
@@ -99,15 +111,16 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
     big = _big_dict()  # about 1 MB of strings
 
     try:
-        def round_trips(value: Any, also: Callable[[], object] = lambda: None) -> Runner:
+        def round_trips(value: Any, copy: Callable[[], object] = lambda: None) -> Runner:
+            """``copy()``'s return value is handed to the task (which drops it)."""
+
             def run(k: int) -> list[float]:
                 def go() -> list[float]:
                     g.payload = value
                     times = []
                     for _ in range(k):
                         start = time.perf_counter()
-                        also()
-                        executor.submit(small_g_task).result(RESULT_TIMEOUT)
+                        executor.submit(small_g_task_given, copy()).result(RESULT_TIMEOUT)
                         times.append(time.perf_counter() - start)
                     return times
 
@@ -118,16 +131,19 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         g_runners = [
             ("small", round_trips("small")),
             ("big", round_trips(big)),
-            ("floor", round_trips("small", lambda: _least_copy(big))),
+            ("floor", round_trips("small", lambda: _dropped(_least_copy(big)))),
+            ("handoff", round_trips("small", lambda: _least_copy(big))),
         ]
         print("\n  thread: submit + result with g holding a 1 MB dict vs a string")
         g_labels = {"small": "ours thread, g.payload = 'small'",
                     "big": "ours thread, g.payload = 1 MB dict",
-                    "floor": "floor: 'small' + the least a copy of the dict costs"}  # fmt: skip
+                    "floor": "floor: 'small' + the least a copy of the dict costs",
+                    "handoff": "floor: that copy handed to the task, dropped there"}  # fmt: skip
         g_block = ratio_block(interleave(g_runners, 5 if quick else 15, 10), "small", g_labels)
         out["thread_g"] = g_block
         out["thread_g_ratio"] = g_block["big"]["ratio"]
         out["thread_g_floor"] = g_block["floor"]["ratio"]
+        out["thread_g_floor_handoff"] = g_block["handoff"]["ratio"]
     finally:
         executor.shutdown(wait=True)
     # -- process: map ----------------------------------------------------------------
@@ -202,13 +218,18 @@ def _big_dict() -> dict[str, str]:
     return {f"k{i}": f"{i:08d}" * 12 for i in range(10000)}  # about 1 MB of strings
 
 
-def _least_copy(value: dict[str, str]) -> None:
-    """The least work any faithful copy of ``value`` does in Python: copy its
-    table (``dict.copy``) and look at the type of every key and value (a
-    shallow copy is a deep one only if each is immutable)."""
-    value.copy()
+def _dropped(value: object) -> None:
+    """Nothing: ``value`` is freed here, in the caller's thread."""
+    del value
+
+
+def _least_copy(value: dict[str, str]) -> dict[str, str]:
+    """The least work any faithful copy of ``value`` does in Python: look at
+    the type of every key and value (a shallow copy is a deep one only if
+    each is immutable) and copy its table (``dict.copy``). Returns the copy."""
     list(map(type, value))
     list(map(type, value.values()))
+    return value.copy()
 
 
 def _json_body(size: int) -> bytes:

@@ -441,6 +441,8 @@ INFO = (
      "thread: submit {thread_batch_n:,} then results, ours/raw"),
     ("throughput", "thread_g_ratio", "thread: round trip with a 1 MB g / small g"),
     ("throughput", "thread_g_floor", "thread: floor of that, small + the least copy of the dict"),
+    ("throughput", "thread_g_floor_handoff",
+     "thread: floor of that, the copy handed to the task's thread"),
     ("throughput", "map_vs_raw1", "process map, default chunksize, ours/raw chunksize 1"),
     ("throughput", "plain_vs_best", "process map, no context, ours/raw best chunksize"),
     ("throughput", "process_body_ratio", "process: round trip with a 512 KB JSON body / small"),
