@@ -434,6 +434,7 @@ INFO = (
     ("dask", "map_ratio", "dask map of 1000 items, ours/client.map"),
     ("cpu", "ours_vs_raw", "CPU-bound total time, ours/raw pool"),
     ("cold", "ratio", "cold start to first result, ours/raw"),
+    ("cold", "floor_ratio", "cold start to first result, Flask's floor/raw"),
     ("store", "sqlite_ratio", "stored task with the SQLite store / memory store"),
     ("store", "redis_ratio", "stored task with the Redis store / memory store"),
     ("upload", "time_ratio", "upload to a process task, time to result, ours/raw"),
