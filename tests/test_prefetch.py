@@ -25,6 +25,7 @@ from support import Gates, block_until, touch, wait_for_path, wait_until
 
 from flask_executor import Executor
 from flask_executor.backends.process import PREFETCH_SECONDS
+from flask_executor.errors import TaskTimeoutError
 
 WAIT = 30.0
 
@@ -307,3 +308,25 @@ def test_bursts_of_short_tasks_each_run_once_while_workers_rebalance(
         for _ in range(100):
             futures = [executor.submit(identity, i) for i in range(300)]
             assert [f.result(WAIT) for f in futures] == list(range(300))
+
+
+@pytest.mark.slow
+def test_tasks_sent_ahead_to_a_worker_that_freezes_run_elsewhere_after_its_time_limit(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1, EXECUTOR_TASK_TIMEOUT=3)
+    frozen = warm(app, executor)
+    first, _ = running_blocked(app, executor, gates, tmp_path, "first")
+    with app.app_context():
+        waiting = [executor.submit(getpid) for _ in range(8)]
+    wait_until(lambda: sent_ahead(executor) >= 2, WAIT)
+    os.kill(frozen, signal.SIGSTOP)  # it can answer nothing now
+    try:
+        with pytest.raises(TaskTimeoutError):
+            first.result(WAIT)
+        pids = {f.result(WAIT) for f in waiting}
+    finally:
+        if pid_is_alive(frozen):
+            os.kill(frozen, signal.SIGCONT)
+    assert len(pids) == 1 and frozen not in pids
+    wait_until(lambda: not pid_is_alive(frozen), WAIT)
