@@ -414,7 +414,10 @@ class _Pool(Endings):
         behind a running task in the worker with the most (lock held): they
         run on the idle one. The last are asked first, so that they are
         queued again in their order."""
-        idle = sum(1 for w in self._workers if not w.items and self._room(w, False))
+        workers = self._workers
+        if not any(len(w.items) > 1 for w in workers):
+            return  # nothing waits behind a running task (the usual case: checked first)
+        idle = sum(1 for w in workers if not w.items and self._room(w, False))
         for _ in range(idle):
             tails = [
                 ([i for i in itertools.islice(w.items, 1, None) if not i.recalled], w)
