@@ -14,6 +14,7 @@ import os
 import pickle
 import select
 import threading
+import time
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
@@ -328,10 +329,15 @@ def _watch(fd: int, control: int | None, calls: _Calls) -> None:
             calls.read_requests()
 
 
-def _outcome_parts(task_id: int, outcome: Outcome) -> list[memoryview]:
+def _outcome_parts(task_id: int, outcome: Outcome, seconds: float) -> list[memoryview]:
+    """The message of a finished call: its outcome and how long it ran (the
+    web process sends a worker as many calls ahead as fit in a few
+    milliseconds of them; timed here, not by when the web process reads
+    the messages, which waits for the GIL there)."""
     if outcome[0] != "ok":
-        return [framed(pickle.dumps(("done", task_id, outcome), pickle.HIGHEST_PROTOCOL))]
-    return split_parts(("result", task_id), outcome[1])  # the result's pickle as it is
+        message = ("done", task_id, seconds, outcome)
+        return [framed(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))]
+    return split_parts(("result", task_id, seconds), outcome[1])  # the result's pickle as is
 
 
 def _serve(conn: Connection, worker_init: str | None, calls: _Calls) -> None:
@@ -389,6 +395,7 @@ def _serve(conn: Connection, worker_init: str | None, calls: _Calls) -> None:
         def publish(kind: str, data: Any, task_id: int = task_id) -> None:
             send((kind, task_id, data))
 
+        began = time.perf_counter()
         if push_context and (spec_error is not None or app_version != spec_version):
             outcome = _error(
                 spec_error or RuntimeError("the worker has no app for this task"),
@@ -397,5 +404,5 @@ def _serve(conn: Connection, worker_init: str | None, calls: _Calls) -> None:
         else:
             outcome = run_call(payload, spec, push_context, chunked, publish)
         del message, payload
-        held = _outcome_parts(task_id, outcome)
+        held = _outcome_parts(task_id, outcome, time.perf_counter() - began)
         del outcome

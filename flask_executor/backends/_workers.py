@@ -34,8 +34,7 @@ _STOP_GRACE = 5.0
 
 
 class WorkItem:
-    __slots__ = ("future", "task", "task_id", "deadline", "taken", "took_at", "deliveries",
-                 "recalled")  # fmt: skip
+    __slots__ = ("future", "task", "task_id", "deadline", "taken", "deliveries", "recalled")
 
     def __init__(self, future: FutureProxy[Any], task: PickledTask, task_id: int) -> None:
         self.future = future
@@ -44,8 +43,6 @@ class WorkItem:
         self.deadline: float | None = None
         #: The worker it was given to said it took it (and had not died before).
         self.taken = False
-        #: When the web process read its "took" (time.monotonic()).
-        self.took_at = 0.0
         self.deliveries = 0
         #: The worker it was sent ahead to was asked to give it back.
         self.recalled = False

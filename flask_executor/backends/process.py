@@ -151,8 +151,8 @@ class _Pool(Endings):
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._workers: list[Worker] = []
         self._retired: list[Any] = []
-        #: How long recent tasks ran (seconds, from "took" to the result;
-        #: rises at once, falls slowly); ``None`` until one finished.
+        #: How long recent tasks ran in their workers (seconds; rises at
+        #: once, falls slowly); ``None`` until one finished.
         self._task_seconds: float | None = None
         _pools.add(self)
 
@@ -541,9 +541,9 @@ class _Pool(Endings):
         elif kind == "skipped":
             self._skipped(worker, message[1])
         elif kind == "done":
-            self._complete(worker, message[1], message[2])
+            self._complete(worker, message[1], message[3], message[2])
         elif kind == "result":  # a split message: the result's pickle is its body
-            self._complete(worker, message[1], ("ok", message[2]))
+            self._complete(worker, message[1], ("ok", message[3]), message[2])
         elif kind == "meta":
             item = worker.find(message[1])
             if item is not None:
@@ -561,7 +561,6 @@ class _Pool(Endings):
         if item is None:
             return
         item.taken = True
-        item.took_at = now = time.monotonic()
         # The worker has the call and will never need it again (a task it
         # took is not delivered again): the web process no longer holds a
         # copy of a large argument while the task runs.
@@ -574,7 +573,7 @@ class _Pool(Endings):
             self._kill(worker)
             return
         timeout = item.future._task_timeout or self.options.task_timeout
-        item.deadline = now + timeout if timeout else None
+        item.deadline = time.monotonic() + timeout if timeout else None
 
     def _skipped(self, worker: Worker, task_id: int) -> None:
         """The worker gave back ``task_id`` unstarted: cancelled, or for
@@ -590,13 +589,14 @@ class _Pool(Endings):
             with self._lock:
                 self._pending.appendleft(item)
 
-    def _complete(self, worker: Worker, task_id: int, outcome: Any) -> None:
+    def _complete(self, worker: Worker, task_id: int, outcome: Any, seconds: float) -> None:
+        """``task_id`` ended in ``worker`` after running ``seconds`` there."""
         item = worker.items[0] if worker.items else None
         if item is not None and item.task_id != task_id:
             item = None
         if item is not None:  # while the worker still has it: a bug here fails it too
             ok, value = rebuild_outcome(outcome)
-            self._ran(time.monotonic() - item.took_at)
+            self._ran(seconds)
         limit = self.options.max_tasks_per_child
         with self._lock:
             worker.tasks_done += 1
