@@ -304,11 +304,17 @@ def test_a_killed_pool_worker_fails_only_its_task_and_its_task_sent_ahead_runs_o
         assert server.get(f"/burst/{count}").text == "submitted"
         # Both pool workers up and a backlog: each runs a task and holds the next.
         wait_until(lambda: len(list(tmp_path.glob("ran-*"))) >= 3, timeout=30)
-        running = [
-            path for path in tmp_path.glob("ran-*")
-            if not (tmp_path / f"outcome-{path.name.split('-')[1]}").exists()
-        ]  # fmt: skip
-        victim_index, victim = (int(part) for part in running[0].name.split("-")[1:])
+        # What each pool worker runs now: its latest task (a worker runs its
+        # tasks in order; an earlier one may have ended before its outcome
+        # file is written), one that has not ended.
+        latest: dict[int, int] = {}
+        for path in tmp_path.glob("ran-*"):
+            index, pid = (int(part) for part in path.name.split("-")[1:])
+            latest[pid] = max(latest.get(pid, -1), index)
+        victim, victim_index = next(
+            (pid, index) for pid, index in latest.items()
+            if not (tmp_path / f"outcome-{index}").exists()
+        )  # fmt: skip
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: len(list(tmp_path.glob("outcome-*"))) == count, timeout=60)
         outcomes = {i: (tmp_path / f"outcome-{i}").read_text() for i in range(count)}
