@@ -56,6 +56,19 @@ def floor_task(environ: dict[str, Any], app: Flask | None = None) -> tuple[str, 
         return ctx_task()
 
 
+def floor_item(environ: dict[str, Any], item: Any) -> Any:
+    """The floor of one ``map`` item run in its own context: what
+    :func:`floor_task` builds (an app once per worker, a request context from a
+    copy of the environ, ``g``), around :func:`identity`."""
+    app = _floor_apps.get("app")
+    if app is None:
+        floor_task(environ)  # builds the app
+        app = _floor_apps["app"]
+    with app.request_context(dict(environ)):
+        g.user = "alice"
+        return identity(item)
+
+
 def fib(n: int) -> int:
     """Plain recursive Fibonacci: CPU-bound work that holds the GIL."""
     return n if n < 2 else fib(n - 1) + fib(n - 2)

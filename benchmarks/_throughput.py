@@ -29,6 +29,7 @@ the same run.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import multiprocessing
@@ -39,9 +40,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
+import flask
 from _tasks import (
     body_task,
     ctx_task,
+    floor_item,
     given,
     identity,
     raw_task,
@@ -152,6 +155,9 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context(method))
     try:
         best = -(-items // 8)
+        environ = in_request(app, lambda: dict(flask.request.environ))
+        environ = {k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple))}
+        per_item_floor = functools.partial(floor_item, environ)
 
         def timed_map(run: Callable[[int], list[Any]], count: int) -> Runner:
             def runner(_: int) -> list[float]:
@@ -168,6 +174,8 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
             ("raw1", timed_map(lambda c: list(pool.map(identity, range(c))), items // 10)),
             ("raw_best", timed_map(
                 lambda c: list(pool.map(identity, range(c), chunksize=best)), items)),
+            ("floor", timed_map(
+                lambda c: list(pool.map(per_item_floor, range(c), chunksize=best)), items)),
             ("ours", timed_map(lambda c: in_request(app, lambda: list(
                 ours.map(identity, range(c), timeout=RESULT_TIMEOUT))), items)),
             ("plain", timed_map(
@@ -178,6 +186,7 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         map_labels = {
             "raw1": f"raw ProcessPoolExecutor(2).map, chunksize 1 ({items // 10} items)",
             "raw_best": f"raw ProcessPoolExecutor(2).map, chunksize {best}",
+            "floor": "floor: that, each item in its own request context",
             "ours": "ours process(2) map, default chunksize, in request",
             "plain": "ours process(2) map, default, PUSH_APP_CONTEXT=False",
         }
@@ -186,6 +195,7 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         out["process_map"] = block
         out["map_vs_raw1"] = block["ours"]["ratio"]
         out["map_us_per_item"] = block["ours"]["median"] * 1e6
+        out["map_floor_us_per_item"] = block["floor"]["median"] * 1e6
         out["plain_vs_best"] = block["plain"]["median"] / block["raw_best"]["median"]
         # -- process: a large argument and result --------------------------------------
         size = (20 if quick else 100) * MiB

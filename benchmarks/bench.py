@@ -446,6 +446,9 @@ INFO = (
      "thread: floor of that, the copy handed to the task's thread"),
     ("throughput", "map_vs_raw1", "process map, default chunksize, ours/raw chunksize 1"),
     ("throughput", "plain_vs_best", "process map, no context, ours/raw best chunksize"),
+    ("throughput", "map_us_per_item", "process map, full context, us per item"),
+    ("throughput", "map_floor_us_per_item",
+     "process map, Flask's floor (raw best chunks, a request context per item), us per item"),
     ("throughput", "process_body_ratio", "process: round trip with a 512 KB JSON body / small"),
     ("throughput", "process_body_floor", "process: floor of that, raw pool's cost of the body"),
     ("throughput", "process_g_ratio", "process: round trip with a 1 MB g / small g"),
@@ -524,7 +527,8 @@ def summary_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "target": label.format(**data),
                     "measured": data[key],
                     "status": "INFO",
-                    "text": f"{data[key]:.2f}x  (no target)",
+                    "text": f"{data[key]:.2f}{' us' if key.endswith('us_per_item') else 'x'}"
+                    "  (no target)",
                 }
             )
     return lines
