@@ -42,50 +42,45 @@ print(json.dumps({"first_result": t1 - t0, "imports": t_imported - t0,
                   "submitted": t_submitted - t0, "shutdown": time.perf_counter() - t1}))
 """
 
-COLD_RAW = """
+def _raw_pool_script(task: str, setup: str, call: str, check: str) -> str:
+    """A cold-start script for the raw pool (``%r``: the start method, filled
+    in later): import ``task``, run ``setup``, submit ``call``, ``check`` its
+    result."""
+    return f"""
 import time
 t0 = time.perf_counter()
 import json, multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 import flask
-from _tasks import raw_task
+from _tasks import {task}
 t_imported = time.perf_counter()
-pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(%r))
-future = pool.submit(raw_task)
+{setup}pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(%r))
+future = pool.submit({call})
 t_submitted = time.perf_counter()
 result = future.result(60)
 t1 = time.perf_counter()
 pool.shutdown(wait=True)
-assert result == 42, result
-print(json.dumps({"first_result": t1 - t0, "imports": t_imported - t0,
-                  "submitted": t_submitted - t0, "shutdown": time.perf_counter() - t1}))
+assert {check}, result
+print(json.dumps({{"first_result": t1 - t0, "imports": t_imported - t0,
+                  "submitted": t_submitted - t0, "shutdown": time.perf_counter() - t1}}))
 """
+
+
+COLD_RAW = _raw_pool_script("raw_task", "", "raw_task", "result == 42")
 
 #: Flask's own floor of a first context task: the raw pool, its worker building
 #: an app and a request context from the environ (public APIs only).
-COLD_FLOOR = """
-import time
-t0 = time.perf_counter()
-import json, multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-import flask
-from _tasks import floor_task
-t_imported = time.perf_counter()
-app = flask.Flask("cold")
+COLD_FLOOR = _raw_pool_script(
+    "floor_task",
+    """app = flask.Flask("cold")
 app.add_url_rule("/", "index", lambda: "ok")
 with app.test_request_context("/?a=1"):
     environ = {k: v for k, v in flask.request.environ.items()
                if isinstance(v, (str, int, bool, tuple))}
-pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(%r))
-future = pool.submit(floor_task, environ)
-t_submitted = time.perf_counter()
-result = future.result(60)
-t1 = time.perf_counter()
-pool.shutdown(wait=True)
-assert tuple(result) == ("bench-value", "1", "alice"), result
-print(json.dumps({"first_result": t1 - t0, "imports": t_imported - t0,
-                  "submitted": t_submitted - t0, "shutdown": time.perf_counter() - t1}))
-"""
+""",
+    "floor_task, environ",
+    'tuple(result) == ("bench-value", "1", "alice")',
+)
 
 
 def _run_cold(script: str, pycache: str) -> dict[str, float]:
