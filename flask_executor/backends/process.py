@@ -283,8 +283,9 @@ class _Pool(Endings):
 
     def _idle_worker(self, item: WorkItem, ahead: bool) -> Worker | None:
         """A worker that is up with room for ``item`` (an idle one; with
-        ``ahead``, also one that runs a task and has nothing sent ahead), the
-        least loaded first, then one that has the task's app."""
+        ``ahead``, also one that runs a task and has room behind it, see
+        :meth:`_ahead_limit`), the least loaded first, then one that has the
+        task's app."""
         best: Worker | None = None
         for worker in self._workers:
             if not self._room(worker, ahead):
@@ -421,7 +422,7 @@ class _Pool(Endings):
         for _ in range(idle):
             tails = [
                 ([i for i in itertools.islice(w.items, 1, None) if not i.recalled], w)
-                for w in self._workers
+                for w in workers
             ]
             tail, worker = max(tails, key=lambda pair: len(pair[0]))
             if not tail:
