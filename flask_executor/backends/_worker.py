@@ -326,7 +326,10 @@ def _watch(fd: int, control: int | None, calls: _Calls) -> None:
                 if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     os._exit(0)
                 continue
-            calls.read_requests()
+            try:
+                calls.read_requests()
+            except (BrokenPipeError, ConnectionResetError):
+                os._exit(0)  # the web process is gone (its answer had nobody to go to)
 
 
 def _outcome_parts(task_id: int, outcome: Outcome, seconds: float) -> list[memoryview]:
@@ -341,6 +344,18 @@ def _outcome_parts(task_id: int, outcome: Outcome, seconds: float) -> list[memor
 
 
 def _serve(conn: Connection, worker_init: str | None, calls: _Calls) -> None:
+    """Serve calls until told to stop or the web process is gone: reading its
+    end of the socket at EOF, or writing to it once it is closed (the watcher
+    thread ends the process then too; whichever comes first, nothing is
+    printed: an exception from here would make :mod:`multiprocessing` print
+    the start of a traceback)."""
+    try:
+        _serve_calls(conn, worker_init, calls)
+    except (BrokenPipeError, ConnectionResetError):
+        return
+
+
+def _serve_calls(conn: Connection, worker_init: str | None, calls: _Calls) -> None:
     send = calls.send
     # A finished task's outcome waits until the next call is read when that
     # call is already here (sent ahead): both answers go out in one write.
