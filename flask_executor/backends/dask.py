@@ -52,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
         " `pip install 'flask-executor[dask]'`"
     ) from exc
 
-__all__ = ["DaskBackend"]
+__all__ = ["CONNECT_ATTEMPTS", "DaskBackend"]
 
 # distributed closes its clusters at exit; atexit runs the last registered
 # first: shut our backends down (and let their tasks finish) before that.
@@ -243,16 +243,26 @@ def _cancel_if_cancelled(dask_future: Any, future: Any) -> None:
         dask_future.cancel()
 
 
+#: Attempts to connect a client whose handshake fails one of distributed's own
+#: checks, a tenth of a second apart and doubling.
+CONNECT_ATTEMPTS = 4
+
+
 def _new_client(*args: Any, **kwargs: Any) -> Any:
-    """``distributed.Client(*args, **kwargs)``, tried once more when its
-    handshake fails distributed's own ``assert len(msg) == 1`` (seen when a
-    busy scheduler batches the stream start with another message while other
-    clients come and go). The half-made client closes itself when collected."""
-    try:
-        return distributed.Client(*args, **kwargs)
-    except AssertionError:
-        logger.warning("Dask client handshake failed an internal check; connecting again")
-        return distributed.Client(*args, **kwargs)
+    """``distributed.Client(*args, **kwargs)``, tried again (up to
+    :data:`CONNECT_ATTEMPTS` in all) when it fails one of distributed's own
+    checks: ``assert len(msg) == 1`` in the handshake, seen when a busy
+    scheduler batches the stream start with another message while other
+    clients come and go (twice in a row once, on a loaded CI machine), or its
+    event loop thread not started within distributed's 10 s. The half-made
+    client closes itself when collected."""
+    for attempt in range(CONNECT_ATTEMPTS - 1):
+        try:
+            return distributed.Client(*args, **kwargs)
+        except AssertionError:
+            logger.warning("Dask client handshake failed an internal check; connecting again")
+            time.sleep(0.1 * 2**attempt)
+    return distributed.Client(*args, **kwargs)  # the last attempt: its error is the caller's
 
 
 class DaskBackend(Backend):
