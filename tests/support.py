@@ -8,10 +8,12 @@ for the same reason: a file works across threads and processes alike.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,18 @@ def create_app() -> Flask:
                 log.write(f"{marker}\n")
 
     return app
+
+
+@contextlib.contextmanager
+def without_cyclic_gc() -> Iterator[None]:
+    """Collect once, then keep the cyclic garbage collector off for the block:
+    what it frees then was freed by reference counting, not by a collection."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def wait_for_path(path: str, timeout: float = TIMEOUT) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from flask import Flask, current_app, g, request
-from support import TIMEOUT, create_app, touch, wait_for_path, wait_until
+from support import TIMEOUT, create_app, touch, wait_for_path, wait_until, without_cyclic_gc
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -561,21 +561,19 @@ def test_finished_futures_free_their_payload_without_the_cyclic_gc(
     app.config.update(EXECUTOR_TYPE=kind)
     executor = shutdown_after(Executor(app))
     assert executor.submit(noop).result(timeout=WAIT) == "ok"  # workers up
-    gc.collect()
-    gc.disable()  # a reference cycle must not be what frees a payload
-    tracemalloc.start()
-    try:
-        base, _ = tracemalloc.get_traced_memory()
-        with app.app_context():
-            futures = [executor.submit(len, b"x" * (10 * MiB)) for _ in range(20)]
-        assert [f.result(timeout=WAIT) for f in futures] == [10 * MiB] * 20
+    with without_cyclic_gc():  # a reference cycle must not be what frees a payload
+        tracemalloc.start()
         try:
-            wait_until(lambda: held_memory(base) < 40 * MiB, timeout=WAIT)
-        except AssertionError:
-            pytest.fail(f"20 finished futures hold {held_memory(base) / MiB:.0f} MiB")
-    finally:
-        tracemalloc.stop()
-        gc.enable()
+            base, _ = tracemalloc.get_traced_memory()
+            with app.app_context():
+                futures = [executor.submit(len, b"x" * (10 * MiB)) for _ in range(20)]
+            assert [f.result(timeout=WAIT) for f in futures] == [10 * MiB] * 20
+            try:
+                wait_until(lambda: held_memory(base) < 40 * MiB, timeout=WAIT)
+            except AssertionError:
+                pytest.fail(f"20 finished futures hold {held_memory(base) / MiB:.0f} MiB")
+        finally:
+            tracemalloc.stop()
 
 
 # -- 8. big uploads to process tasks ------------------------------------------------------

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from flask import Flask, current_app, g, request
-from support import TIMEOUT
+from support import TIMEOUT, without_cyclic_gc
 
 from flask_executor import Executor
 from flask_executor.backends.thread import ThreadTask
@@ -137,9 +137,7 @@ def test_finished_thread_future_holds_neither_call_nor_arguments(
     app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
     executor = shutdown_after(Executor(app))
     assert executor.submit(_echo, 1).result(TIMEOUT) == 1  # the worker is up
-    gc.collect()
-    gc.disable()
-    try:
+    with without_cyclic_gc():
         call, data = _Call(), _Data()
         refs = [weakref.ref(call), weakref.ref(data)]
         with app.test_request_context("/?q=1"):
@@ -158,8 +156,6 @@ def test_finished_thread_future_holds_neither_call_nor_arguments(
                 break
             deadline.wait(0.05)
         assert [ref() for ref in refs] == [None, None, None]
-    finally:
-        gc.enable()
 
 
 def test_dropped_thread_future_is_freed_without_the_cyclic_gc(
@@ -172,9 +168,7 @@ def test_dropped_thread_future_is_freed_without_the_cyclic_gc(
     executor = shutdown_after(Executor(app))
     assert executor.submit(_echo, 1).result(TIMEOUT) == 1  # the worker is up
     release = threading.Event()
-    gc.collect()
-    gc.disable()
-    try:
+    with without_cyclic_gc():
         with app.test_request_context("/?q=1"):
             blocker = executor.submit(_wait_for, release)
             futures = [executor.submit(_echo, i) for i in range(3)]
@@ -188,8 +182,6 @@ def test_dropped_thread_future_is_freed_without_the_cyclic_gc(
         refs = [weakref.ref(f) for f in futures]
         del futures, blocker
         assert [ref() for ref in refs] == [None] * 4
-    finally:
-        gc.enable()
 
 
 def _tracked_per_finished_future(
@@ -231,9 +223,7 @@ def test_finished_future_lets_go_of_its_task_and_keeps_the_app_for_late_callback
     app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
     executor = shutdown_after(Executor(app))
     release = threading.Event()
-    gc.collect()
-    gc.disable()
-    try:
+    with without_cyclic_gc():
         with app.test_request_context("/?q=1"):
             blocker = executor.submit(_wait_for, release)
             future = executor.submit(_echo, "done")
@@ -249,5 +239,3 @@ def test_finished_future_lets_go_of_its_task_and_keeps_the_app_for_late_callback
         seen: list[tuple[str, bool]] = []
         future.add_done_callback(lambda f: seen.append((current_app.name, f is future)))
         assert seen == [(app.name, True)]
-    finally:
-        gc.enable()
