@@ -36,10 +36,11 @@ _STOP_GRACE = 5.0
 class WorkItem:
     __slots__ = ("future", "task", "task_id", "deadline", "taken", "deliveries", "recalled")
 
-    def __init__(self, future: FutureProxy[Any], task: PickledTask, task_id: int) -> None:
+    def __init__(self, future: FutureProxy[Any], task: PickledTask) -> None:
         self.future = future
         self.task = task
-        self.task_id = task_id
+        #: The id of its delivery to a worker (each delivery has its own); -1 before.
+        self.task_id = -1
         self.deadline: float | None = None
         #: The worker it was given to said it took it (and had not died before).
         self.taken = False
@@ -258,15 +259,15 @@ class Endings:
                     self._recall(worker, item)
 
     def _handle_stop_requests(self) -> None:
+        """Stop the workers running a cancelled task. (One sent ahead and not
+        started was asked back by ``cancel()`` itself, see ``_request_stop``;
+        if its worker takes it meanwhile, ``_took`` stops it.)"""
         while self._stop_requests:
             item = self._stop_requests.popleft()
             for worker in list(self._workers):
                 if item in worker.items:
                     if item.taken:
                         self._kill(worker)
-                    else:  # cancel() has asked it back already: a no-op then
-                        with self._lock:
-                            self._recall(worker, item)
                     break
 
     def _stop_workers(self) -> None:

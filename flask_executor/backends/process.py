@@ -184,7 +184,7 @@ class _Pool(Endings):
                 raise BrokenProcessPool(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            item = WorkItem(future, task, next(self._ids))
+            item = WorkItem(future, task)
             future._stop_running = functools.partial(self._request_stop, item)
             # An idle worker that is up takes the task straight from this
             # thread: one thread hop less than going through the dispatcher.
