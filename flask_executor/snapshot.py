@@ -34,7 +34,16 @@ from werkzeug.test import encode_multipart
 from werkzeug.wrappers import Request
 
 from .errors import BodyNotCapturedError, GAttributeNotCopiedError
-from .serialize import ATOMIC, copy_filestorage, deep_copy, dumps, dumps_nested, loads, type_name
+from .serialize import (
+    ATOMIC,
+    _all_atomic,
+    copy_filestorage,
+    deep_copy,
+    dumps,
+    dumps_nested,
+    loads,
+    type_name,
+)
 
 __all__ = ["RequestSnapshot", "Snapshot", "capture", "restore"]
 
@@ -108,7 +117,7 @@ class Snapshot:
         omitted, so the payload around it never has to be pickled again."""
         state = dict(vars(self))
         values = self.g
-        if any(type(value) not in _ATOMIC for value in values.values()):
+        if not _all_atomic(values.values()):
             atomic: dict[str, Any] = {}
             pickled, omitted = dict(self.g_pickled), dict(self.omitted_g)
             for name, value in values.items():
