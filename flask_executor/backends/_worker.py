@@ -80,14 +80,15 @@ def run_call(
     token = _current_task.set(TaskHandle(publish))
     try:
         app = restore_app(spec) if push_context and spec is not None else None
+        call = fn if app is None else app.ensure_sync(fn)  # once, for every item of a chunk
         if chunked:
             # Each item in its own context, from a pristine copy of the shared snapshot.
             result = [
-                _call(app, None if snap is None else snap.for_one_item(), fn, item, kwargs)
+                _call(app, None if snap is None else snap.for_one_item(), call, item, kwargs)
                 for item in args[0]
             ]
         else:
-            result = _call(app, snap, fn, args, kwargs)
+            result = _call(app, snap, call, args, kwargs)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
@@ -105,12 +106,12 @@ def run_call(
 
 
 def _call(
-    app: Flask | None, snap: Snapshot | None, fn: Any, args: Any, kwargs: dict[str, Any]
+    app: Flask | None, snap: Snapshot | None, call: Any, args: Any, kwargs: dict[str, Any]
 ) -> Any:
     if app is None:
-        return fn(*args, **kwargs)
+        return call(*args, **kwargs)
     with restore(app, snap):
-        return app.ensure_sync(fn)(*args, **kwargs)
+        return call(*args, **kwargs)
 
 
 def run_worker_init(name: str, app: Flask) -> None:
