@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from _tasks import ctx_task, floor_task, raw_task
-from _throughput import process_executors
+from _throughput import floor_environ, process_executors
 from _timing import Runner, batch, interleave, ratio_block
 
 
@@ -62,16 +62,13 @@ def section_load(
     raw_pool: Callable[[str], Any],
     warm: Callable[[Callable[[], Future[Any]]], None],
 ) -> dict[str, Any]:
-    import flask
-
     n = 2000 if plan.quick else 10000
     rounds = 3 if plan.quick else 5
     app, ours, plain = process_executors(make_app, "bench_load")
     raw = raw_pool(method)
     peers, peer_labels, closers = _peers(method)
     try:
-        environ = in_request(app, lambda: dict(flask.request.environ))
-        environ = {k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple))}
+        environ = floor_environ(app, in_request)
         in_request(app, lambda: warm(lambda: ours.submit(ctx_task)))
         warm(lambda: plain.submit(raw_task))
         warm(lambda: raw.submit(raw_task))

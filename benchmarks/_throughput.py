@@ -155,9 +155,7 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context(method))
     try:
         best = -(-items // 8)
-        environ = in_request(app, lambda: dict(flask.request.environ))
-        environ = {k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple))}
-        per_item_floor = functools.partial(floor_item, environ)
+        per_item_floor = functools.partial(floor_item, floor_environ(app, in_request))
 
         def timed_map(run: Callable[[int], list[Any]], count: int) -> Runner:
             def runner(_: int) -> list[float]:
@@ -206,6 +204,13 @@ def section_throughput(plan: Any, make_app: Any, in_request: Any, method: str) -
         pool.shutdown(wait=True)
     out.update(_process_context_size(plan, make_app, method))
     return out
+
+
+def floor_environ(app: Any, in_request: Any) -> dict[str, Any]:
+    """The WSGI environ of a request to ``app`` (as ``in_request`` makes it),
+    its plain values only: what the floor tasks build their request from."""
+    environ = in_request(app, lambda: dict(flask.request.environ))
+    return {k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple))}
 
 
 def process_executors(make_app: Any, name: str) -> tuple[Any, Any, Any]:
