@@ -21,7 +21,6 @@ import threading
 import uuid
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask
@@ -36,29 +35,51 @@ __all__ = ["AppSpec", "ConfigRules", "app_spec", "app_token", "restore_app"]
 logger = logging.getLogger("flask_executor")
 
 
-@dataclass
 class AppSpec:
     """How a worker builds its Flask app: from ``factory``, from the live app
     it inherited by ``fork``, or as a stand-in with the same routes and
-    templates. ``config`` is applied on top in each case."""
+    templates. ``config`` is applied on top in each case.
 
-    token: str
-    version: str
-    factory: str | None
-    import_name: str
-    root_path: str | None
-    template_folder: str | None
-    static_folder: str | None
-    static_url_path: str | None
-    instance_path: str
-    request_class: type | None
-    converters: dict[str, Any]
-    host_matching: bool
-    subdomain_matching: bool
-    rules: list[dict[str, Any]]
-    config: dict[str, Any]
-    #: Keys left out of ``config``, with the message a task reading one gets.
-    omitted: dict[str, str] = field(default_factory=dict)
+    A plain class, as is every class here (see
+    :class:`~flask_executor.backends.BackendOptions`): the fork server
+    imports this module before it starts the first worker."""
+
+    def __init__(
+        self,
+        token: str,
+        version: str,
+        factory: str | None,
+        import_name: str,
+        root_path: str | None,
+        template_folder: str | None,
+        static_folder: str | None,
+        static_url_path: str | None,
+        instance_path: str,
+        request_class: type | None,
+        converters: dict[str, Any],
+        host_matching: bool,
+        subdomain_matching: bool,
+        rules: list[dict[str, Any]],
+        config: dict[str, Any],
+        omitted: dict[str, str] | None = None,
+    ) -> None:
+        self.token = token
+        self.version = version
+        self.factory = factory
+        self.import_name = import_name
+        self.root_path = root_path
+        self.template_folder = template_folder
+        self.static_folder = static_folder
+        self.static_url_path = static_url_path
+        self.instance_path = instance_path
+        self.request_class = request_class
+        self.converters = converters
+        self.host_matching = host_matching
+        self.subdomain_matching = subdomain_matching
+        self.rules = rules
+        self.config = config
+        #: Keys left out of ``config``, with the message a task reading one gets.
+        self.omitted: dict[str, str] = {} if omitted is None else omitted
 
 
 #: Never sent to any worker, by any executor: TLS key material.
@@ -76,7 +97,10 @@ SECRET_PATTERNS = (
     "*_PRIVATE_KEY",
     "*CREDENTIALS*",
 )
-_URL_WITH_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:[^/?#@\s]+@")
+#: A pattern, not compiled here: only Dask executors match it, and compiling it
+#: would cost a quarter of a millisecond in every process that imports this
+#: module, the fork server among them (``re`` caches it at its first use).
+_URL_WITH_PASSWORD = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:[^/?#@\s]+@"
 
 
 def _matches(key: str, patterns: Sequence[str]) -> bool:
@@ -92,9 +116,9 @@ def _patterns(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(value)
 
 
-@dataclass(frozen=True)
 class ConfigRules:
-    """Which config keys one executor sends to its workers.
+    """Which config keys one executor sends to its workers; equal rules are
+    one key of the spec cache.
 
     :param exclude: ``EXECUTOR_SNAPSHOT_CONFIG_EXCLUDE``: never sent.
     :param include: ``EXECUTOR_SNAPSHOT_CONFIG_INCLUDE``: secrets sent anyway.
@@ -103,10 +127,30 @@ class ConfigRules:
     :param prefix: the executor's config prefix, for messages.
     """
 
-    exclude: tuple[str, ...] = ()
-    include: tuple[str, ...] = ()
-    secrets: bool = True
-    prefix: str = ""
+    __slots__ = ("exclude", "include", "secrets", "prefix")
+
+    def __init__(
+        self,
+        exclude: tuple[str, ...] = (),
+        include: tuple[str, ...] = (),
+        secrets: bool = True,
+        prefix: str = "",
+    ) -> None:
+        self.exclude = exclude
+        self.include = include
+        self.secrets = secrets
+        self.prefix = prefix
+
+    def _fields(self) -> tuple[tuple[str, ...], tuple[str, ...], bool, str]:
+        return self.exclude, self.include, self.secrets, self.prefix
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ConfigRules):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
 
     @classmethod
     def from_config(
@@ -132,7 +176,7 @@ class ConfigRules:
         if self.secrets or (self.include and _matches(key, self.include)):
             return None
         if _matches(key, SECRET_PATTERNS) or (
-            isinstance(value, str) and _URL_WITH_PASSWORD.match(value)
+            isinstance(value, str) and re.match(_URL_WITH_PASSWORD, value)
         ):
             return (
                 f"config[{key!r}] looks like a secret, and secrets are not sent to Dask"
@@ -142,18 +186,23 @@ class ConfigRules:
         return None
 
 
-@dataclass
 class _SpecCache:
-    config: dict[str, Any]
-    view_count: int
-    version: str
-    payload: bytes
-    warned: set[str] = field(default_factory=set)
+    __slots__ = ("config", "view_count", "version", "payload", "warned")
+
+    def __init__(
+        self, config: dict[str, Any], view_count: int, version: str, payload: bytes,
+        warned: set[str],
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.view_count = view_count
+        self.version = version
+        self.payload = payload
+        self.warned = warned
 
 
-#: Per app, one spec per executor (its rules and factory).
+#: Per app, one spec per executor (its rules and factory) and way of pickling.
 _spec_caches: weakref.WeakKeyDictionary[
-    Flask, dict[tuple[ConfigRules, str | None], _SpecCache]
+    Flask, dict[tuple[ConfigRules, str | None, bool], _SpecCache]
 ] = weakref.WeakKeyDictionary()
 _spec_lock = threading.Lock()
 #: Live apps by token, so that workers forked from this process find theirs.
@@ -172,9 +221,15 @@ def app_token(app: Flask) -> str:
         return token
 
 
-def app_spec(app: Flask, rules: ConfigRules, factory: str | None) -> tuple[str, bytes]:
+def app_spec(
+    app: Flask, rules: ConfigRules, factory: str | None, by_value_main: bool = True
+) -> tuple[str, bytes]:
     """``(version, pickled AppSpec)`` for ``app``'s current config and routes,
-    as one executor (its ``rules`` and ``factory``) sends them.
+    as one executor (its ``rules`` and ``factory``) sends them, pickled as
+    its backend pickles calls (``by_value_main``, see
+    :func:`~flask_executor.serialize.dumps`): by reference for process
+    workers, so that the standard pickler does it and cloudpickle is not
+    needed for a config of plain values.
 
     Cached per app and executor: as long as the config compares equal key by
     key and no view was added, the same version and bytes are returned without
@@ -182,7 +237,7 @@ def app_spec(app: Flask, rules: ConfigRules, factory: str | None) -> tuple[str, 
     config.
     """
     config = app.config
-    key = (rules, factory)
+    key = (rules, factory, by_value_main)
     with _spec_lock:
         cache = _spec_caches.get(app, {}).get(key)
     try:
@@ -193,7 +248,7 @@ def app_spec(app: Flask, rules: ConfigRules, factory: str | None) -> tuple[str, 
         pass
     warned = cache.warned if cache is not None else set()
     spec = _app_reduce(app, rules, factory, warned)
-    payload = dumps(spec)
+    payload = dumps(spec, by_value_main=by_value_main)
     new = _SpecCache(dict(config), len(app.view_functions), spec.version, payload, warned)
     with _spec_lock:
         _spec_caches.setdefault(app, {})[key] = new
@@ -273,12 +328,14 @@ def _app_reduce(
     )
 
 
-@dataclass
 class _WorkerApp:
-    app: Flask
-    #: The config the app had before any snapshot was applied to it.
-    base_config: dict[str, Any]
-    version: str = ""
+    __slots__ = ("app", "base_config", "version")
+
+    def __init__(self, app: Flask, base_config: dict[str, Any]) -> None:
+        self.app = app
+        #: The config the app had before any snapshot was applied to it.
+        self.base_config = base_config
+        self.version = ""
 
 
 #: The apps this worker process has built.

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 import click
 from flask.cli import AppGroup
 
-from .dashboard.model import duration_text, find_record, key_text, progress_of, task_row
-
 if TYPE_CHECKING:
     from .executor import Executor
 
@@ -33,7 +31,10 @@ def _when(stamp: float | None) -> str:
 
 
 def executor_cli(executor: Executor) -> click.Group:
-    """The command group for ``executor``."""
+    """The command group for ``executor``.
+
+    Built by every ``init_app``, in every web process; what the commands show
+    comes from the dashboard's model, imported when a command runs."""
     name = f"{executor.name}-executor" if executor.name else "executor"
     group = AppGroup(name, help="Stored background tasks of flask-executor.")
     futures = executor.futures
@@ -54,6 +55,8 @@ def executor_cli(executor: Executor) -> click.Group:
     @group.command("list")
     def list_tasks() -> None:
         """Stored tasks, newest first: key, state, progress, age."""
+        from .dashboard.model import duration_text, key_text, progress_of
+
         store_note()
         records = futures.records()
         if not records:
@@ -81,6 +84,8 @@ def executor_cli(executor: Executor) -> click.Group:
     @click.argument("key")
     def show(key: str) -> None:
         """State, meta, result or error of the task under KEY."""
+        from .dashboard.model import find_record, task_row
+
         record = find_record(futures, key)
         if record is None:
             raise unknown(key)
@@ -120,6 +125,8 @@ def executor_cli(executor: Executor) -> click.Group:
     @click.argument("key")
     def cancel(key: str) -> None:
         """Cancel the pending or running task under KEY."""
+        from .dashboard.model import find_record
+
         record = find_record(futures, key)
         if record is None:
             raise unknown(key)

@@ -18,8 +18,7 @@ import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 
 from flask import Blueprint, Flask, current_app, has_app_context
 
@@ -29,14 +28,15 @@ from .backends import Backend, BackendOptions, PickledTask, create_backend, gree
 from .backends.thread import ThreadTask
 from .errors import SerializationError
 from .futures import CallbackContext, FutureCollection, FutureProxy
-from .jobs import ExecutorJob
 from .serialize import dumps_call, remove_files, spilled_uploads
 from .settings import str2bool  # noqa: F401 - importable here, as in 1.0
 from .signals import task_failed, task_finished, task_submitted
 from .snapshot import Snapshot, capture
-from .status import status_blueprint
 from .stores import BaseStore, open_store
 from .tracing import traced
+
+if TYPE_CHECKING:
+    from .jobs import ExecutorJob
 
 __all__ = ["Executor", "ExecutorJob", "propagate_exceptions_callback"]
 
@@ -73,19 +73,33 @@ class _JobDecorator(Protocol):
     def __call__(self, fn: Callable[Q, U], /) -> ExecutorJob[Q, U]: ...
 
 
-@dataclass
 class _AppState:
     """What the executor resolved from one app's config."""
 
-    kind: str
-    options: BackendOptions
-    push_app_context: bool
-    propagate_exceptions: bool
-    config_rules: ConfigRules
-    max_body: int
-    app_factory: str | None
-    backend: Backend | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    __slots__ = (
+        "kind", "options", "push_app_context", "propagate_exceptions", "config_rules",
+        "max_body", "app_factory", "backend", "lock",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        kind: str,
+        options: BackendOptions,
+        push_app_context: bool,
+        propagate_exceptions: bool,
+        config_rules: ConfigRules,
+        max_body: int,
+        app_factory: str | None,
+    ) -> None:
+        self.kind = kind
+        self.options = options
+        self.push_app_context = push_app_context
+        self.propagate_exceptions = propagate_exceptions
+        self.config_rules = config_rules
+        self.max_body = max_body
+        self.app_factory = app_factory
+        self.backend: Backend | None = None
+        self.lock = threading.Lock()
 
 
 class Executor(concurrent.futures.Executor):
@@ -304,7 +318,7 @@ class Executor(concurrent.futures.Executor):
         spilled: list[str] = []
         by_value = backend.by_value_main
         if backend.pickles:
-            spec_version, spec = app_spec(app, state.config_rules, state.app_factory)
+            spec_version, spec = app_spec(app, state.config_rules, state.app_factory, by_value)
             with spilled_uploads() as spilled:  # large uploads travel as files
                 try:
                     payload = dumps_call(fn, args, kwargs, snap, by_value_main=by_value)
@@ -434,6 +448,8 @@ class Executor(concurrent.futures.Executor):
 
         Works before :meth:`init_app` and with every backend.
         """
+        from .jobs import ExecutorJob
+
         options = {"retries": retries, "retry_on": retry_on, "backoff": backoff}
 
         def decorate(function: Callable[Q, U], /) -> ExecutorJob[Q, U]:
@@ -458,6 +474,8 @@ class Executor(concurrent.futures.Executor):
         .. versionchanged:: 2.0
             ``authorize`` and ``list_keys``; listing is opt-in.
         """
+        from .status import status_blueprint
+
         return status_blueprint(
             self.futures, name or f"{self.name or 'executor'}_status", authorize, list_keys
         )
@@ -588,3 +606,13 @@ def _cancel_if_pending(future: FutureProxy[Any]) -> None:
     """Cancel ``future`` only if it has not started (map's generator closing
     must not kill running tasks)."""
     concurrent.futures.Future.cancel(future)
+
+
+def __getattr__(name: str) -> Any:
+    """``ExecutorJob``, importable from here as in 1.0, is imported on first use:
+    an app that defines no job does not load :mod:`flask_executor.jobs`."""
+    if name == "ExecutorJob":
+        from .jobs import ExecutorJob
+
+        return ExecutorJob
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

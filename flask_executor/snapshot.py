@@ -20,8 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from flask import Flask, g, has_app_context, has_request_context, request, session
@@ -48,6 +47,7 @@ from .serialize import (
 __all__ = ["RequestSnapshot", "Snapshot", "capture", "restore"]
 
 logger = logging.getLogger("flask_executor")
+_T = TypeVar("_T")
 
 _ATOMIC = ATOMIC
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -71,45 +71,69 @@ def _thread_copy(value: Any) -> Any:
 
 def _pickle_check(value: Any) -> Any:
     """Process mode keeps references: the payload pickle is the copy. This
-    only sorts out what cannot travel at all."""
+    only sorts out what cannot travel at all: what neither the standard
+    pickler nor cloudpickle (tried second, so imported only when needed) can
+    pickle."""
     if type(value) in _ATOMIC:
         return value
     try:
-        dumps(value)
+        dumps(value, by_value_main=False)
     except Exception as exc:
         raise _NotCopyable(type_name(value)) from exc
     return value
 
 
-@dataclass
 class RequestSnapshot:
-    """What a task needs to rebuild the request it was submitted from."""
+    """What a task needs to rebuild the request it was submitted from.
 
-    environ: dict[str, Any]
-    body: bytes | None
-    #: Why ``body`` is ``None`` (too large, consumed); names the config key.
-    body_missing: str | None = None
-    attrs: dict[str, Any] = field(default_factory=dict)
-    omitted_attrs: dict[str, str] = field(default_factory=dict)
-    session: dict[str, Any] | None = None
-    null_session: bool = False
-    #: Thread mode only: a copy of the view's request object (its own environ,
-    #: body stream and deep-copied custom attributes), pushed as is.
-    live: FlaskRequest | None = None
+    A plain class, not a dataclass, as are the other classes a process
+    worker imports: creating a dataclass costs about half a millisecond, in
+    the web process and again in the fork server, before the first task can
+    start (:func:`_replaced` copies one).
+    """
+
+    def __init__(
+        self,
+        environ: dict[str, Any],
+        body: bytes | None,
+        body_missing: str | None = None,
+        attrs: dict[str, Any] | None = None,
+        omitted_attrs: dict[str, str] | None = None,
+        session: dict[str, Any] | None = None,
+        null_session: bool = False,
+        live: FlaskRequest | None = None,
+    ) -> None:
+        self.environ = environ
+        self.body = body
+        #: Why ``body`` is ``None`` (too large, consumed); names the config key.
+        self.body_missing = body_missing
+        self.attrs: dict[str, Any] = {} if attrs is None else attrs
+        self.omitted_attrs: dict[str, str] = {} if omitted_attrs is None else omitted_attrs
+        self.session = session
+        self.null_session = null_session
+        #: Thread mode only: a copy of the view's request object (its own environ,
+        #: body stream and deep-copied custom attributes), pushed as is.
+        self.live = live
 
 
-@dataclass
 class Snapshot:
     """The context of one submit: :data:`~flask.g` and the request."""
 
-    g: dict[str, Any]
-    omitted_g: dict[str, str] = field(default_factory=dict)
-    request: RequestSnapshot | None = None
-    #: In a pickled snapshot, the ``g`` values that are not atomic, each
-    #: pickled on its own: one that fails to unpickle in the worker (the
-    #: worker runs another version of its class) fails only the tasks that
-    #: read it, with :exc:`GAttributeNotCopiedError`.
-    g_pickled: dict[str, bytes] = field(default_factory=dict)
+    def __init__(
+        self,
+        g: dict[str, Any],
+        omitted_g: dict[str, str] | None = None,
+        request: RequestSnapshot | None = None,
+        g_pickled: dict[str, bytes] | None = None,
+    ) -> None:
+        self.g = g
+        self.omitted_g: dict[str, str] = {} if omitted_g is None else omitted_g
+        self.request = request
+        #: In a pickled snapshot, the ``g`` values that are not atomic, each
+        #: pickled on its own: one that fails to unpickle in the worker (the
+        #: worker runs another version of its class) fails only the tasks that
+        #: read it, with :exc:`GAttributeNotCopiedError`.
+        self.g_pickled: dict[str, bytes] = {} if g_pickled is None else g_pickled
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle each ``g`` value that is not atomic on its own, once; one that
@@ -142,23 +166,33 @@ class Snapshot:
             return self
         attrs = deep_copy(req.attrs) if req.attrs else req.attrs
         session_data = deep_copy(req.session) if req.session else req.session
-        return replace(self, request=replace(req, attrs=attrs, session=session_data))
+        return _replaced(self, request=_replaced(req, attrs=attrs, session=session_data))
 
     def picklable(self) -> Snapshot:
         """A copy without the request's values that cannot be pickled (they
         are listed as omitted, so reading them in the task says why they are
         missing). ``g`` needs no filtering: pickling leaves out its own."""
-        snap = replace(self)
+        snap = _replaced(self)
         if self.request is not None:
             attrs, omitted = _filter(self.request.attrs, _pickle_check)
             session_data, _ = _filter(self.request.session or {}, _pickle_check)
-            snap.request = replace(
+            snap.request = _replaced(
                 self.request,
                 attrs=attrs,
                 omitted_attrs={**self.request.omitted_attrs, **omitted},
                 session=session_data if self.request.session is not None else None,
             )
         return snap
+
+
+def _replaced(obj: _T, **changes: Any) -> _T:
+    """A shallow copy of ``obj`` (a :class:`Snapshot` or
+    :class:`RequestSnapshot`) with ``changes``: what ``dataclasses.replace``
+    did, without calling ``__init__`` (this runs for every item of a ``map``
+    chunk)."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__, **changes)
+    return new
 
 
 def _filter(values: dict[str, Any], copier: Any) -> tuple[dict[str, Any], dict[str, str]]:

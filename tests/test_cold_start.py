@@ -75,6 +75,35 @@ def test_importing_the_extension_loads_no_optional_part() -> None:
     assert _under(modules, OPTIONAL) == []
 
 
+#: Loaded in the web process only for a feature that needs it, also once an app is
+#: set up and has run a process task: the task jobs, the status endpoint, the
+#: dashboard (the CLI is registered, but the dashboard's model only loads when a
+#: command runs), and cloudpickle (the config holds nothing the standard pickler
+#: cannot check).
+NOT_FOR_A_FIRST_TASK = [
+    "cloudpickle",
+    "flask_executor.dashboard",
+    "flask_executor.jobs",
+    "flask_executor.status",
+]
+
+
+def test_a_first_process_task_loads_only_what_it_needs_in_the_web_process() -> None:
+    modules = _modules_after(
+        "from flask import Flask, g\n"
+        "from flask_executor import Executor\n"
+        "app = Flask('cold')\n"
+        "app.config.update(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=1)\n"
+        "executor = Executor(app)\n"
+        "with app.test_request_context('/?a=1'):\n"
+        "    g.user = 'alice'\n"
+        "    assert executor.submit(len, 'abc').result(30) == 3\n"
+        "executor.shutdown()"
+    )
+    assert {"flask_executor.backends.process", "flask_executor.cli"} <= modules
+    assert _under(modules, NOT_FOR_A_FIRST_TASK) == []
+
+
 def test_importing_the_package_loads_no_front() -> None:
     """``import flask_executor`` (or any submodule) imports a public name's module
     only when the name is used."""

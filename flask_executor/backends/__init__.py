@@ -20,7 +20,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ShutdownTimeoutError
@@ -33,38 +32,69 @@ __all__ = ["Backend", "BackendOptions", "PickledTask"]
 logger = logging.getLogger("flask_executor")
 
 
-@dataclass(frozen=True)
 class BackendOptions:
-    """The config an executor resolved for one app."""
+    """The config an executor resolved for one app.
 
-    max_workers: int | None
-    task_timeout: float | None
-    #: ``EXECUTOR_SHUTDOWN_TIMEOUT``: what interpreter exit passes to
-    #: :meth:`Backend.shutdown`; ``None``: no limit.
-    shutdown_timeout: float | None = None
-    start_method: str | None = None
-    max_tasks_per_child: int | None = None
-    dask_address: str | None = None
-    dask_security: Any = None
-    #: ``'pkg.module:function'`` run once in each new worker, in its app context.
-    worker_init: str | None = None
-    immediate_pickle: bool = False
+    Plain classes here and in every module a process worker imports, not
+    dataclasses: creating one costs about half a millisecond, in the web
+    process and again in the fork server, before the first task can start.
+    """
+
+    __slots__ = (
+        "max_workers", "task_timeout", "shutdown_timeout", "start_method",
+        "max_tasks_per_child", "dask_address", "dask_security", "worker_init",
+        "immediate_pickle",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        max_workers: int | None,
+        task_timeout: float | None,
+        shutdown_timeout: float | None = None,
+        start_method: str | None = None,
+        max_tasks_per_child: int | None = None,
+        dask_address: str | None = None,
+        dask_security: Any = None,
+        worker_init: str | None = None,
+        immediate_pickle: bool = False,
+    ) -> None:
+        self.max_workers = max_workers
+        self.task_timeout = task_timeout
+        #: ``EXECUTOR_SHUTDOWN_TIMEOUT``: what interpreter exit passes to
+        #: :meth:`Backend.shutdown`; ``None``: no limit.
+        self.shutdown_timeout = shutdown_timeout
+        self.start_method = start_method
+        self.max_tasks_per_child = max_tasks_per_child
+        self.dask_address = dask_address
+        self.dask_security = dask_security
+        #: ``'pkg.module:function'`` run once in each new worker, in its app context.
+        self.worker_init = worker_init
+        self.immediate_pickle = immediate_pickle
 
 
-@dataclass
 class PickledTask:
     """A task for a backend that pickles: the call and the app it needs."""
 
-    #: ``(fn, args, kwargs, snapshot)`` pickled by :func:`~flask_executor.serialize.dumps_call`.
-    payload: bytes
-    #: Version and pickled :class:`~flask_executor.appspec.AppSpec`; workers
-    #: receive the spec only when their version differs.
-    app_version: str
-    app_spec: bytes
-    #: Run the call inside a rebuilt Flask context.
-    push_context: bool
-    #: ``args`` is ``(items,)``: call ``fn(*item)`` for each, each in its own context.
-    chunked: bool = False
+    __slots__ = ("payload", "app_version", "app_spec", "push_context", "chunked")
+
+    def __init__(
+        self,
+        payload: bytes,
+        app_version: str,
+        app_spec: bytes,
+        push_context: bool,
+        chunked: bool = False,
+    ) -> None:
+        #: ``(fn, args, kwargs, snapshot)`` pickled by :func:`~flask_executor.serialize.dumps_call`.
+        self.payload = payload
+        #: Version and pickled :class:`~flask_executor.appspec.AppSpec`; workers
+        #: receive the spec only when their version differs.
+        self.app_version = app_version
+        self.app_spec = app_spec
+        #: Run the call inside a rebuilt Flask context.
+        self.push_context = push_context
+        #: ``args`` is ``(items,)``: call ``fn(*item)`` for each, each in its own context.
+        self.chunked = chunked
 
 
 class Backend(ABC):

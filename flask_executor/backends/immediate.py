@@ -21,7 +21,6 @@ own thread; a task that ran past one fails with
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -108,8 +107,8 @@ class PicklingImmediateBackend(ImmediateBackend):
             if task.push_context:
                 # Worker apps are cached by the app's token; a token of our own
                 # keeps the live app from being found there and reconfigured.
-                spec = loads(task.app_spec)
-                spec = dataclasses.replace(spec, token=f"immediate-{spec.token}")
+                spec = loads(task.app_spec)  # this call's own copy
+                spec.token = f"immediate-{spec.token}"
             outcome = run_call(task.payload, spec, task.push_context, task.chunked, publish)
             ok, value = rebuild_outcome(outcome)
             if not ok:
