@@ -110,6 +110,65 @@ def test_workers_that_never_start_fail_the_task_with_a_clear_error(
 # -- the worker initializer --------------------------------------------------------------------
 
 
+SLOW_PRELOAD = """\
+# Preloaded by the fork server (the script adds it): its start takes until the
+# script creates the release file, or until {limit} s have passed.
+import os, time
+open({started!r}, "w").close()
+release = {release!r}
+deadline = time.monotonic() + {limit}
+while not os.path.exists(release) and time.monotonic() < deadline:
+    time.sleep(0.01)
+if not os.path.exists(release):
+    open({timed_out!r}, "w").close()
+"""
+
+SUBMITS_WHILE_THE_POOL_STARTS = """\
+import time
+from pathlib import Path
+from flask import Flask
+from flask_executor import Executor
+import flask_executor.backends._start as start
+
+if __name__ == "__main__":
+    start.FORK_SERVER_PRELOAD += ("slow_preload",)
+    app = Flask("starting")
+    app.config.update(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD="forkserver",
+                      EXECUTOR_MAX_WORKERS=2)
+    executor = Executor(app)
+    with app.app_context():
+        futures = [executor.submit(pow, 2, 0)]
+        deadline = time.monotonic() + 30
+        while not Path("started").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the fork server is starting the first worker
+        futures += [executor.submit(pow, 2, n) for n in range(1, 4)]
+    Path("release").touch()  # only once every submit() has returned
+    print([f.result(60) for f in futures])
+    executor.shutdown()
+"""
+
+
+def test_submit_does_not_wait_for_a_starting_worker(tmp_path: Path) -> None:
+    """The fork server (and with it the first worker) takes long to start: the
+    submits made meanwhile return at once, they never wait for the start (before,
+    each submit after the first waited for the dispatcher's lock, held while the
+    worker started)."""
+    (tmp_path / "slow_preload.py").write_text(
+        SLOW_PRELOAD.format(
+            started=str(tmp_path / "started"), release=str(tmp_path / "release"),
+            limit=WAIT / 3,
+            timed_out=str(tmp_path / "timed-out"),
+        ),
+        encoding="utf-8",
+    )  # fmt: skip
+    proc = run_script(tmp_path, SUBMITS_WHILE_THE_POOL_STARTS)
+    out, err = proc.communicate(timeout=WAIT * 2)
+    assert proc.returncode == 0, err
+    assert out.split("\n")[0] == "[1, 2, 4, 8]"
+    assert (tmp_path / "started").exists()
+    assert not (tmp_path / "timed-out").exists(), "a submit waited for the worker to start"
+
+
 def test_worker_init_runs_once_per_worker_in_its_app_context(
     app: Flask, make_process_executor: MakeProcessExecutor, start_method: str
 ) -> None:

@@ -91,6 +91,7 @@ class ProcessBackend(Backend):
         pool = _Pool(options)
         super().__init__(options)
         self._pool = pool
+        pool.start()  # made by the first submit(): its worker comes up meanwhile
         # Dropped without shutdown(): finish what was submitted, then stop.
         # (At interpreter exit the backends' own exit hook does it, waiting.)
         weakref.finalize(self, self._pool.shutdown, False).atexit = False
@@ -198,13 +199,24 @@ class _Pool(Endings):
             else:
                 self._give(worker, item)
                 wake = worker.channel.sending or worker.broken
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._dispatch, name="flask-executor-dispatcher", daemon=True
-                )
-                self._thread.start()
+            self._start_dispatcher()
         if wake:  # a task to place, or bytes to flush
             self._wake()
+
+    def start(self) -> None:
+        """Start the dispatcher, and with it the first worker (and, with the
+        ``forkserver`` method, the fork server), before the first task is
+        submitted: the backend is made by the first ``submit()``, which then
+        captures and pickles its task while the worker process starts."""
+        with self._lock:
+            self._start_dispatcher()
+
+    def _start_dispatcher(self) -> None:
+        if self._thread is None and not self._broken:
+            self._thread = threading.Thread(
+                target=self._dispatch, name="flask-executor-dispatcher", daemon=True
+            )
+            self._thread.start()
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
@@ -343,6 +355,7 @@ class _Pool(Endings):
     def _dispatch(self) -> None:
         preload_fork_server(self._context)
         try:
+            self._start_first_worker()
             while True:
                 self._assign()
                 if self._finished():
@@ -356,6 +369,15 @@ class _Pool(Endings):
             logger.error("flask-executor's process dispatcher failed", exc_info=exc)
         finally:
             self._stop_workers()
+
+    def _start_first_worker(self) -> None:
+        """One worker at once, for the task the first ``submit()`` is still
+        preparing (unless it is queued already, or the worker's initializer
+        needs that task's app: then the first :meth:`_assign` starts it)."""
+        with self._lock:
+            if self._workers or self._pending or self._shutdown or self.options.worker_init:
+                return
+        self._start_workers(1, None)
 
     def _break(self, exc: BaseException) -> None:
         with self._lock:
@@ -403,12 +425,11 @@ class _Pool(Endings):
             behind = sum(len(w.items) - 1 for w in self._workers if len(w.items) > 1)
             waiting = len(self._pending) + behind
             wanted = min(waiting - starting, self._max_workers - len(self._workers))
-            errors = [self._start_worker() for _ in range(wanted)]
+            # The initializer runs in the worker's app: the first waiting task's.
+            app_task = self._pending[0].task if wanted > 0 and self.options.worker_init else None
         for item in dropped:
             cancel_and_notify(item.future)
-        for error in errors:
-            if error is not None:
-                self._start_failed(error)
+        self._start_workers(wanted, app_task)
 
     def _rebalance(self) -> None:
         """For each idle worker, ask back the later half of the calls waiting
@@ -430,8 +451,29 @@ class _Pool(Endings):
             for item in reversed(tail[len(tail) // 2 :]):
                 self._recall(worker, item)
 
-    def _start_worker(self) -> BaseException | None:
-        """Start a worker (lock held); the error if no process could be started."""
+    def _start_workers(self, count: int, app_task: PickledTask | None) -> None:
+        """Start ``count`` workers (dispatcher thread, lock not held: with the
+        ``forkserver`` method a start waits for the fork server, the first
+        one until it has imported Flask, and ``submit()`` must not wait for
+        it). ``app_task``: the task whose app the worker initializer runs in."""
+        for _ in range(count):
+            started = self._launch()
+            if isinstance(started, BaseException):
+                self._start_failed(started)
+                continue
+            with self._lock:
+                self._workers.append(started)
+                if app_task is not None:
+                    try:
+                        self._send_app(started, app_task)
+                    except OSError:
+                        pass  # it died already; its sentinel says so
+            self._selector.register(started.channel, selectors.EVENT_READ, ("conn", started))
+            sentinel = started.process.sentinel
+            self._selector.register(sentinel, selectors.EVENT_READ, ("sentinel", started))
+
+    def _launch(self) -> Worker | BaseException:
+        """A new worker process, or the error if none could be started."""
         channel, child_conn = channel_pair()
         control, child_control = control_pair()
         # A fork child inherits the web process's end of every pool socket; it
@@ -461,17 +503,7 @@ class _Pool(Endings):
         finally:
             child_conn.close()
             child_control.close()
-        worker = Worker(process, channel, control, WORKER_START_TIMEOUT)
-        self._workers.append(worker)
-        self._selector.register(channel, selectors.EVENT_READ, ("conn", worker))
-        self._selector.register(process.sentinel, selectors.EVENT_READ, ("sentinel", worker))
-        if self.options.worker_init:
-            # The initializer runs in the worker's app: the first waiting task's.
-            try:
-                self._send_app(worker, self._pending[0].task)
-            except OSError:
-                pass  # it died already; its sentinel says so
-        return None
+        return Worker(process, channel, control, WORKER_START_TIMEOUT)
 
     def _forget(self, worker: Worker) -> None:
         """Remove ``worker`` from the pool (its process is ended or ending)."""
