@@ -77,7 +77,7 @@ class Plan:
     config_n: int = 80
     fib_n: int = 27
     fib_tasks: int = 64
-    cpu_rounds: int = 3
+    cpu_rounds: int = 5  # fib: ours and the raw pool within a few % of each other
     cold_runs: int = 9  # the noisiest figure: fresh interpreters, about 7 s
     thread_batch_rounds: int = 5  # section throughput: 20,000 submits then results
     thread_batch_only: bool = False  # section throughput: only that (implied by legacy)
