@@ -12,7 +12,12 @@ def draw(results: dict[str, Any], summary: list[dict[str, Any]], path: str, meta
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [line for line in summary if line.get("measured") is not None]
+    # Ratios only: a time (map's µs per item) on a ratio axis would read as one.
+    rows = [
+        line
+        for line in summary
+        if line.get("measured") is not None and line.get("unit", "x") == "x"
+    ]
     labels = [line["target"] for line in rows]
     values = [float(line["measured"]) for line in rows]
     colours = []

@@ -522,13 +522,14 @@ def summary_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
     for section, key, label in INFO:
         data = results.get(section)
         if data and "error" not in data and data.get(key) is not None:
+            unit = "us" if key.endswith("us_per_item") else "x"  # a time, or a ratio
             lines.append(
                 {
                     "target": label.format(**data),
                     "measured": data[key],
                     "status": "INFO",
-                    "text": f"{data[key]:.2f}{' us' if key.endswith('us_per_item') else 'x'}"
-                    "  (no target)",
+                    "unit": unit,
+                    "text": f"{data[key]:.2f}{' us' if unit == 'us' else 'x'}  (no target)",
                 }
             )
     return lines
