@@ -217,6 +217,49 @@ def test_forked_child_refuses_the_parents_pool_and_parent_is_untouched() -> None
         backend.shutdown(wait=True)
 
 
+def test_a_fork_while_a_worker_starts_lets_go_of_that_workers_sockets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The web process forks (another thread, a server) while the pool starts a
+    worker, before the worker is in the pool's list: the child lets go of that
+    worker's sockets too, or the worker would not see the web process die while
+    the child lives."""
+    import multiprocessing.context
+
+    backend = ProcessBackend(
+        BackendOptions(max_workers=1, task_timeout=None, start_method="forkserver")
+    )
+    real_start = multiprocessing.context.ForkServerProcess.start
+    forked: dict[str, Any] = {}
+
+    def start_then_fork(process: Any) -> None:
+        real_start(process)
+        if forked:
+            return
+        fds = [end.fileno() for end in backend._pool._launching]
+        forked["fds"] = fds
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            held = [fd for fd in fds if os.readlink(f"/proc/self/fd/{fd}") != os.devnull]
+            os._exit(1 if held or not fds else 0)
+        forked["pid"] = child
+
+    monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", start_then_fork)
+    try:
+        assert raw_submit(backend, getpid).result(timeout=WAIT) > 0
+        deadline = time.monotonic() + WAIT
+        while (status := os.waitpid(forked["pid"], os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(forked["pid"], signal.SIGKILL)
+                os.waitpid(forked["pid"], 0)
+                raise AssertionError("the forked child hung")
+            time.sleep(0.01)
+        assert len(forked["fds"]) == 2  # the worker's channel and control socket
+        assert os.waitstatus_to_exitcode(status[1]) == 0, "the child kept a worker's socket"
+    finally:
+        backend.shutdown(wait=True)
+
+
 # -- 4. shutdown with a timeout ----------------------------------------------------------------
 
 

@@ -151,6 +151,9 @@ class _Pool(Endings):
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._workers: list[Worker] = []
+        #: The web process's ends of the sockets of workers being started (not
+        #: in ``_workers`` yet): a fork meanwhile must let go of them too.
+        self._launching: list[Any] = []
         self._retired: list[Any] = []
         #: How long recent tasks ran in their workers (seconds; rises at
         #: once, falls slowly); ``None`` until one finished.
@@ -165,11 +168,15 @@ class _Pool(Endings):
         self._lock = threading.RLock()  # another thread may have held it at fork time
         fds = [w.channel.fileno() for w in self._workers]
         fds += [w.control.fileno() for w in self._workers]
+        fds += [end.fileno() for end in self._launching]
         release(tuple(fd for fd in fds if fd >= 0))
         for worker in self._workers:
             worker.channel.close()  # closes only the /dev/null copy now
             worker.control.close()
+        for end in self._launching:
+            end.close()
         self._workers, self._pending, self._retired = [], deque(), []
+        self._launching = []
         self._thread = None
         self._close()
         self._broken = (
@@ -462,6 +469,7 @@ class _Pool(Endings):
                 self._start_failed(started)
                 continue
             with self._lock:
+                self._launching.clear()
                 self._workers.append(started)
                 if app_task is not None:
                     try:
@@ -476,6 +484,7 @@ class _Pool(Endings):
         """A new worker process, or the error if none could be started."""
         channel, child_conn = channel_pair()
         control, child_control = control_pair()
+        self._launching += (channel, control)  # one list operation: no lock needed
         # A fork child inherits the web process's end of every pool socket; it
         # must release them, or no worker would see the web process die. The
         # at-fork hook releases the other workers' ends; these are its own.
@@ -497,6 +506,8 @@ class _Pool(Endings):
         try:
             process.start()
         except Exception as exc:  # fork failed (EAGAIN, ENOMEM), exec failed
+            with self._lock:
+                self._launching.clear()
             channel.close()
             control.close()
             return start_error(None, f"could not be started ({type_name(exc)}: {exc})", exc)
