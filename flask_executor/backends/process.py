@@ -91,7 +91,6 @@ class ProcessBackend(Backend):
         pool = _Pool(options)
         super().__init__(options)
         self._pool = pool
-        pool.start()  # made by the first submit(): its worker comes up meanwhile
         # Dropped without shutdown(): finish what was submitted, then stop.
         # (At interpreter exit the backends' own exit hook does it, waiting.)
         weakref.finalize(self, self._pool.shutdown, False).atexit = False
@@ -206,24 +205,13 @@ class _Pool(Endings):
             else:
                 self._give(worker, item)
                 wake = worker.channel.sending or worker.broken
-            self._start_dispatcher()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._dispatch, name="flask-executor-dispatcher", daemon=True
+                )
+                self._thread.start()
         if wake:  # a task to place, or bytes to flush
             self._wake()
-
-    def start(self) -> None:
-        """Start the dispatcher, and with it the first worker (and, with the
-        ``forkserver`` method, the fork server), before the first task is
-        submitted: the backend is made by the first ``submit()``, which then
-        captures and pickles its task while the worker process starts."""
-        with self._lock:
-            self._start_dispatcher()
-
-    def _start_dispatcher(self) -> None:
-        if self._thread is None and not self._broken:
-            self._thread = threading.Thread(
-                target=self._dispatch, name="flask-executor-dispatcher", daemon=True
-            )
-            self._thread.start()
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
@@ -362,7 +350,6 @@ class _Pool(Endings):
     def _dispatch(self) -> None:
         preload_fork_server(self._context)
         try:
-            self._start_first_worker()
             while True:
                 self._assign()
                 if self._finished():
@@ -376,15 +363,6 @@ class _Pool(Endings):
             logger.error("flask-executor's process dispatcher failed", exc_info=exc)
         finally:
             self._stop_workers()
-
-    def _start_first_worker(self) -> None:
-        """One worker at once, for the task the first ``submit()`` is still
-        preparing (unless it is queued already, or the worker's initializer
-        needs that task's app: then the first :meth:`_assign` starts it)."""
-        with self._lock:
-            if self._workers or self._pending or self._shutdown or self.options.worker_init:
-                return
-        self._start_workers(1, None)
 
     def _break(self, exc: BaseException) -> None:
         with self._lock:
