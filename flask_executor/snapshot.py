@@ -242,26 +242,31 @@ class restore:
     task ends); without one, an app context.
     """
 
-    __slots__ = ("app", "snap", "ctx")
+    __slots__ = ("app", "snap", "req", "attrs", "own_session", "ctx")
 
     def __init__(self, app: Flask, snap: Snapshot | None) -> None:
         self.app = app
         self.snap = snap
+        req = self.req = snap.request if snap is not None else None
+        # Decided once: a map chunk enters one of these for each of its items.
+        copied = req is not None and req.live is None
+        self.attrs = copied and bool(req.attrs)  # type: ignore[union-attr]
+        self.own_session = (
+            copied and not req.null_session and _opens_own_session(app)  # type: ignore[union-attr]
+        )
 
     def __enter__(self) -> None:
-        snap = self.snap
-        req = snap.request if snap is not None else None
+        snap, req = self.snap, self.req
         ctx: Any = self.app.app_context() if req is None else _request_restore(self.app, req)
         ctx.push()
         self.ctx = ctx
         try:
             if snap is not None:
                 _g_restore(snap)
-                if req is not None and req.live is None:
-                    if req.attrs:
-                        _request_attrs_restore(req)
-                    if not req.null_session and _opens_own_session(self.app):
-                        _session_apply(req)
+                if self.attrs:
+                    _request_attrs_restore(req)  # type: ignore[arg-type]
+                if self.own_session:
+                    _session_apply(req)  # type: ignore[arg-type]
         except BaseException as exc:
             ctx.pop(exc)
             raise
@@ -281,6 +286,8 @@ def _g_restore(snap: Snapshot) -> None:
     target = g._get_current_object()
     for name, value in snap.g.items():
         setattr(target, name, value)
+    if not snap.g_pickled and not snap.omitted_g:
+        return  # only atomic values (the usual g: ids, names, flags)
     reasons = {
         name: f"its value ({kind}) could not be pickled or copied"
         for name, kind in snap.omitted_g.items()

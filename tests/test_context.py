@@ -166,6 +166,11 @@ def map_item_probe(i: int) -> tuple[int, bool, Any, str, str]:
     return i, leaked, g.item, g.user, request.args["x"]
 
 
+def map_item_appends(i: int) -> list[Any]:
+    g.cart.append(i)  # the item's own copy of the view's list
+    return list(g.cart)
+
+
 def whoami() -> tuple[str, str, int]:
     assert request.view_args is not None
     return g.user, request.args["u"], request.view_args["item_id"]
@@ -461,6 +466,19 @@ def test_map_items_each_get_their_own_context(
             executor.map(map_item_probe, range(50), timeout=TIMEOUT, chunksize=chunksize)
         )
     assert results == [(i, False, i, "alice", "map") for i in range(50)]
+
+
+def test_map_items_each_get_their_own_copy_of_a_mutable_g_value(
+    app: Flask, make_executor: MakeExecutor
+) -> None:
+    """The items of a chunk share one snapshot (and, in a process worker, one
+    restore): a list in ``g`` that one item appends to is not the next item's."""
+    executor = make_executor(app, EXECUTOR_MAX_WORKERS=2)
+    with app.test_request_context("/"):
+        g.cart = ["view"]
+        results = list(executor.map(map_item_appends, range(20), timeout=TIMEOUT, chunksize=10))
+        assert g.cart == ["view"]
+    assert results == [["view", i] for i in range(20)]
 
 
 def test_concurrent_requests_are_isolated(app: Flask, make_executor: MakeExecutor) -> None:

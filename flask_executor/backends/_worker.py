@@ -82,11 +82,16 @@ def run_call(
         app = restore_app(spec) if push_context and spec is not None else None
         call = fn if app is None else app.ensure_sync(fn)  # once, for every item of a chunk
         if chunked:
-            # Each item in its own context, from a pristine copy of the shared snapshot.
-            result = [
-                _call(app, None if snap is None else snap.for_one_item(), call, item, kwargs)
-                for item in args[0]
-            ]
+            # Each item in its own context, from a pristine copy of the shared snapshot;
+            # one restore for all items when restoring never changes the snapshot.
+            items = args[0]
+            if app is None:
+                result = [call(*item, **kwargs) for item in items]
+            elif snap is None or snap.for_one_item() is snap:
+                each = restore(app, snap)
+                result = [_call_in(each, call, item, kwargs) for item in items]
+            else:
+                result = [_call(app, snap.for_one_item(), call, item, kwargs) for item in items]
         else:
             result = _call(app, snap, call, args, kwargs)
     except KeyboardInterrupt:
@@ -111,6 +116,11 @@ def _call(
     if app is None:
         return call(*args, **kwargs)
     with restore(app, snap):
+        return call(*args, **kwargs)
+
+
+def _call_in(each: restore, call: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    with each:  # a fresh context per item
         return call(*args, **kwargs)
 
 
