@@ -86,10 +86,9 @@ def _pickle_check(value: Any) -> Any:
 class RequestSnapshot:
     """What a task needs to rebuild the request it was submitted from.
 
-    A plain class, not a dataclass, as are the other classes a process
-    worker imports: creating a dataclass costs about half a millisecond, in
-    the web process and again in the fork server, before the first task can
-    start (:func:`_replaced` copies one).
+    A plain class, as are the other classes a process worker imports (see
+    :class:`~flask_executor.backends.BackendOptions`); :func:`_replaced`
+    copies one.
     """
 
     def __init__(
@@ -155,14 +154,21 @@ class Snapshot:
             state.update(g=atomic, g_pickled=pickled, omitted_g=omitted)
         return state
 
+    def shared_by_items(self) -> bool:
+        """Whether the items of a chunk can all be restored from this one
+        snapshot: it holds nothing a task can change in place (request
+        attributes, session values). ``g`` holds atomic values and pickles
+        unpickled per task, and the environ is copied per request."""
+        req = self.request
+        return req is None or not (req.attrs or req.session)
+
     def for_one_item(self) -> Snapshot:
         """A snapshot for one item of a chunk, whose items share one unpickled
         snapshot: fresh copies of what a task can change in place (the
         request's custom attributes, the session's values); the rest is
-        shared, as restoring never changes it (``g`` holds atomic values and
-        pickles unpickled per task, the environ is copied per request)."""
+        shared (see :meth:`shared_by_items`)."""
         req = self.request
-        if req is None or not (req.attrs or req.session):
+        if req is None or self.shared_by_items():
             return self
         attrs = deep_copy(req.attrs) if req.attrs else req.attrs
         session_data = deep_copy(req.session) if req.session else req.session
@@ -249,10 +255,10 @@ class restore:
         self.snap = snap
         req = self.req = snap.request if snap is not None else None
         # Decided once: a map chunk enters one of these for each of its items.
-        copied = req is not None and req.live is None
-        self.attrs = copied and bool(req.attrs)  # type: ignore[union-attr]
+        rebuilt = req if req is not None and req.live is None else None
+        self.attrs = rebuilt is not None and bool(rebuilt.attrs)
         self.own_session = (
-            copied and not req.null_session and _opens_own_session(app)  # type: ignore[union-attr]
+            rebuilt is not None and not rebuilt.null_session and _opens_own_session(app)
         )
 
     def __enter__(self) -> None:
@@ -263,10 +269,10 @@ class restore:
         try:
             if snap is not None:
                 _g_restore(snap)
-                if self.attrs:
-                    _request_attrs_restore(req)  # type: ignore[arg-type]
-                if self.own_session:
-                    _session_apply(req)  # type: ignore[arg-type]
+                if req is not None and self.attrs:
+                    _request_attrs_restore(req)
+                if req is not None and self.own_session:
+                    _session_apply(req)
         except BaseException as exc:
             ctx.pop(exc)
             raise

@@ -25,7 +25,7 @@ from flask import Flask
 from ..appspec import AppSpec, restore_app
 from ..errors import SerializationError
 from ..serialize import dumps, import_object, loads, type_name
-from ..snapshot import Snapshot, restore
+from ..snapshot import restore
 from ..tasks import Publisher, TaskHandle, _current_task, forward_logs
 from ._channel import CONTROL_ID, decode, framed, split_parts, write_parts
 
@@ -81,19 +81,15 @@ def run_call(
     try:
         app = restore_app(spec) if push_context and spec is not None else None
         call = fn if app is None else app.ensure_sync(fn)  # once, for every item of a chunk
-        if chunked:
-            # Each item in its own context, from a pristine copy of the shared snapshot;
-            # one restore for all items when restoring never changes the snapshot.
-            items = args[0]
-            if app is None:
-                result = [call(*item, **kwargs) for item in items]
-            elif snap is None or snap.for_one_item() is snap:
-                each = restore(app, snap)
-                result = [_call_in(each, call, item, kwargs) for item in items]
-            else:
-                result = [_call(app, snap.for_one_item(), call, item, kwargs) for item in items]
-        else:
-            result = _call(app, snap, call, args, kwargs)
+        if app is None:
+            result = [call(*i, **kwargs) for i in args[0]] if chunked else call(*args, **kwargs)
+        elif not chunked:
+            result = _in(restore(app, snap), call, args, kwargs)
+        elif snap is None or snap.shared_by_items():
+            each = restore(app, snap)  # one for every item: restoring never changes the snapshot
+            result = [_in(each, call, item, kwargs) for item in args[0]]
+        else:  # each item in its own context, from a pristine copy of the shared snapshot
+            result = [_in(restore(app, snap.for_one_item()), call, i, kwargs) for i in args[0]]
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
@@ -110,17 +106,9 @@ def run_call(
         )
 
 
-def _call(
-    app: Flask | None, snap: Snapshot | None, call: Any, args: Any, kwargs: dict[str, Any]
-) -> Any:
-    if app is None:
-        return call(*args, **kwargs)
-    with restore(app, snap):
-        return call(*args, **kwargs)
-
-
-def _call_in(each: restore, call: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-    with each:  # a fresh context per item
+def _in(context: restore, call: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """``call(*args, **kwargs)`` in a fresh context pushed by ``context``."""
+    with context:
         return call(*args, **kwargs)
 
 
