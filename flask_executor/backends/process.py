@@ -447,8 +447,10 @@ class _Pool(Endings):
                 self._start_failed(started)
                 continue
             with self._lock:
-                self._launching.clear()
+                # Listed before it is unlisted: a fork from another thread meanwhile
+                # always finds its sockets (releasing them twice does no harm).
                 self._workers.append(started)
+                self._launching.clear()
                 if app_task is not None:
                     try:
                         self._send_app(started, app_task)
@@ -484,8 +486,7 @@ class _Pool(Endings):
         try:
             process.start()
         except Exception as exc:  # fork failed (EAGAIN, ENOMEM), exec failed
-            with self._lock:
-                self._launching.clear()
+            self._launching.clear()
             channel.close()
             control.close()
             return start_error(None, f"could not be started ({type_name(exc)}: {exc})", exc)
