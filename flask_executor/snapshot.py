@@ -47,7 +47,7 @@ from .serialize import (
 __all__ = ["RequestSnapshot", "Snapshot", "capture", "restore"]
 
 logger = logging.getLogger("flask_executor")
-_T = TypeVar("_T")
+_T = TypeVar("_T", bound="Snapshot | RequestSnapshot")
 
 _ATOMIC = ATOMIC
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -88,8 +88,15 @@ class RequestSnapshot:
 
     A plain class, as are the other classes a process worker imports (see
     :class:`~flask_executor.backends.BackendOptions`); :func:`_replaced`
-    copies one.
+    copies one. Slotted, and pickled as its constructor's arguments: a
+    queued task's snapshot has no instance dict for the garbage collector to
+    walk, and its payload carries no attribute names.
     """
+
+    __slots__ = (
+        "environ", "body", "body_missing", "attrs", "omitted_attrs", "session", "null_session",
+        "live",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -114,9 +121,18 @@ class RequestSnapshot:
         #: body stream and deep-copied custom attributes), pushed as is.
         self.live = live
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RequestSnapshot, (
+            self.environ, self.body, self.body_missing, self.attrs, self.omitted_attrs,
+            self.session, self.null_session, self.live,
+        )  # fmt: skip
+
 
 class Snapshot:
-    """The context of one submit: :data:`~flask.g` and the request."""
+    """The context of one submit: :data:`~flask.g` and the request (slotted
+    and pickled as :class:`RequestSnapshot` is)."""
+
+    __slots__ = ("g", "omitted_g", "request", "g_pickled")
 
     def __init__(
         self,
@@ -134,15 +150,14 @@ class Snapshot:
         #: read it, with :exc:`GAttributeNotCopiedError`.
         self.g_pickled: dict[str, bytes] = {} if g_pickled is None else g_pickled
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __reduce__(self) -> tuple[Any, ...]:
         """Pickle each ``g`` value that is not atomic on its own, once; one that
         cannot be pickled (``g.db``, a lock) is left out here and listed as
         omitted, so the payload around it never has to be pickled again."""
-        state = dict(vars(self))
-        values = self.g
+        values, pickled, omitted = self.g, self.g_pickled, self.omitted_g
         if not _all_atomic(values.values()):
             atomic: dict[str, Any] = {}
-            pickled, omitted = dict(self.g_pickled), dict(self.omitted_g)
+            pickled, omitted = dict(pickled), dict(omitted)
             for name, value in values.items():
                 if type(value) in _ATOMIC:
                     atomic[name] = value
@@ -151,8 +166,8 @@ class Snapshot:
                     pickled[name] = dumps_nested(value)
                 except Exception:
                     omitted[name] = type_name(value)
-            state.update(g=atomic, g_pickled=pickled, omitted_g=omitted)
-        return state
+            values = atomic
+        return Snapshot, (values, omitted, self.request, pickled)
 
     def shared_by_items(self) -> bool:
         """Whether the items of a chunk can all be restored from this one
@@ -195,9 +210,12 @@ def _replaced(obj: _T, **changes: Any) -> _T:
     """A shallow copy of ``obj`` (a :class:`Snapshot` or
     :class:`RequestSnapshot`) with ``changes``: what ``dataclasses.replace``
     did, without calling ``__init__`` (this runs for every item of a ``map``
-    chunk)."""
+    chunk whose snapshot its items cannot share)."""
     new = object.__new__(type(obj))
-    new.__dict__.update(obj.__dict__, **changes)
+    for name in obj.__slots__:
+        setattr(new, name, changes.pop(name) if name in changes else getattr(obj, name))
+    if changes:
+        raise TypeError(f"{type(obj).__name__} has no field {', '.join(changes)}")
     return new
 
 

@@ -34,11 +34,17 @@ _STOP_GRACE = 5.0
 
 
 class WorkItem:
-    __slots__ = ("future", "task", "task_id", "deadline", "taken", "deliveries", "recalled")
+    """A task of the pool, and its future's way to stop it (``future._stop_running``
+    is the item itself: no bound method and partial per queued task for the
+    garbage collector to walk)."""
 
-    def __init__(self, future: FutureProxy[Any], task: PickledTask) -> None:
+    __slots__ = ("future", "task", "pool", "task_id", "deadline", "taken", "deliveries", "recalled")
+
+    def __init__(self, future: FutureProxy[Any], task: PickledTask, pool: Endings) -> None:
         self.future = future
         self.task = task
+        #: The pool whose ``_request_stop(item)`` stops or takes back the task.
+        self.pool = pool
         #: The id of its delivery to a worker (each delivery has its own); -1 before.
         self.task_id = -1
         self.deadline: float | None = None
@@ -47,6 +53,11 @@ class WorkItem:
         self.deliveries = 0
         #: The worker it was sent ahead to was asked to give it back.
         self.recalled = False
+
+    def __call__(self) -> None:
+        """The future was cancelled: stop the task if it runs, take it back if
+        it was sent ahead (any thread)."""
+        self.pool._request_stop(self)
 
 
 class Worker:
@@ -123,6 +134,9 @@ class Endings:
         raise NotImplementedError
 
     def _recall(self, worker: Worker, item: WorkItem) -> None:
+        raise NotImplementedError
+
+    def _request_stop(self, item: WorkItem) -> None:
         raise NotImplementedError
 
     def _close(self) -> None:

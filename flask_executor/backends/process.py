@@ -33,7 +33,6 @@ down. The behaviour is described in ``docs/reliability.rst``.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import multiprocessing
@@ -191,8 +190,8 @@ class _Pool(Endings):
                 raise BrokenProcessPool(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            item = WorkItem(future, task)
-            future._stop_running = functools.partial(self._request_stop, item)
+            item = WorkItem(future, task, self)
+            future._stop_running = item
             # An idle worker that is up takes the task straight from this
             # thread: one thread hop less than going through the dispatcher.
             worker = None if self._pending else self._idle_worker(item, ahead=False)
