@@ -247,6 +247,12 @@ def _cancel_if_cancelled(dask_future: Any, future: Any) -> None:
 #: checks, a tenth of a second apart and doubling.
 CONNECT_ATTEMPTS = 4
 
+#: An app spec (the pickled config and routes) up to this size travels inside
+#: each task; a larger one is scattered to the workers once per version and
+#: tasks refer to it. A task that depends on scattered data waits for the
+#: scheduler to place it with its dependency: about 4 ms more a round trip.
+INLINE_SPEC_BYTES = 16 * 1024
+
 
 def _new_client(*args: Any, **kwargs: Any) -> Any:
     """``distributed.Client(*args, **kwargs)``, tried again (up to
@@ -319,9 +325,13 @@ class DaskBackend(Backend):
                 self._client.subscribe_topic(self._topic, self._on_event)
             return self._client
 
-    def _spec_future(self, client: Any, task: PickledTask) -> Any:
-        """The app spec, scattered to every worker once per version (tasks carry
-        a reference), and again if the workers holding it were lost."""
+    def _carried_spec(self, client: Any, task: PickledTask) -> Any:
+        """The app spec as tasks carry it: its bytes when it is small (see
+        :data:`INLINE_SPEC_BYTES`); else scattered to every worker once per
+        version (tasks carry a reference), and again if the workers holding it
+        were lost."""
+        if len(task.app_spec) <= INLINE_SPEC_BYTES:
+            return task.app_spec
         with self._lock:
             spec = self._spec
             if spec is None or spec[0] != task.app_version or spec[1].status != "finished":
@@ -343,7 +353,7 @@ class DaskBackend(Backend):
         if not items:
             return
         client = self._connect()
-        spec = self._spec_future(client, items[0][1])
+        spec = self._carried_spec(client, items[0][1])
         keys = [f"flask-executor-{uuid.uuid4().hex}" for _ in items]
         for key, (future, _) in zip(keys, items, strict=True):
             self._running[key] = future
