@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import gc
 import multiprocessing
 import os
@@ -36,12 +37,17 @@ def _read_context() -> tuple[str, Any]:
 
 
 def _tracked_per_pending_task(
-    app: Flask, executor: Executor | ThreadPoolExecutor, n: int = 500
+    app: Flask,
+    executor: Executor | ThreadPoolExecutor | ProcessPoolExecutor,
+    block: Callable[[], Any],
+    release: Callable[[], object],
+    n: int = 500,
 ) -> float:
-    release = threading.Event()
+    """Objects of the cyclic garbage collector per task queued behind
+    ``block()`` (run by the executor's only worker until ``release()``)."""
     with app.test_request_context("/?a=1"):
         g.user = "alice"
-        blocker = executor.submit(release.wait, 30)  # the only worker waits on it
+        blocker = executor.submit(block)
         try:
             executor.submit(_read_context)
             gc.collect()
@@ -50,13 +56,20 @@ def _tracked_per_pending_task(
             gc.collect()
             after = collections.Counter(map(type, gc.get_objects()))
         finally:
-            release.set()
-        assert blocker.result(30) is True
+            release()
+        assert blocker.result(60) is True
         if isinstance(executor, Executor):
-            assert [f.result(30) for f in futures] == [("1", "alice")] * n
+            assert [f.result(60) for f in futures] == [("1", "alice")] * n
         else:  # no context: the task fails, which is not what is measured
-            assert all(f.exception(30) is not None for f in futures)
+            assert all(f.exception(60) is not None for f in futures)
     return sum((after - before).values()) / n
+
+
+def _tracked_per_pending_thread_task(
+    app: Flask, executor: Executor | ThreadPoolExecutor
+) -> float:
+    event = threading.Event()
+    return _tracked_per_pending_task(app, executor, lambda: event.wait(30), event.set)
 
 
 def test_pending_thread_task_is_few_gc_objects(
@@ -64,9 +77,9 @@ def test_pending_thread_task_is_few_gc_objects(
 ) -> None:
     app.config.update(EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=1)
     executor = shutdown_after(Executor(app))
-    per_task = _tracked_per_pending_task(app, executor)
+    per_task = _tracked_per_pending_thread_task(app, executor)
     with ThreadPoolExecutor(max_workers=1) as raw:  # its tasks fail: no context, same cost
-        raw_per_task = _tracked_per_pending_task(app, raw)
+        raw_per_task = _tracked_per_pending_thread_task(app, raw)
     assert per_task - raw_per_task <= MAX_TRACKED_BEYOND_RAW, (per_task, raw_per_task)
 
 
@@ -81,28 +94,10 @@ def _wait_for(path: str) -> bool:
 
 
 def _tracked_per_pending_process_task(
-    app: Flask, executor: Executor | ProcessPoolExecutor, release: Path, n: int = 500
+    app: Flask, executor: Executor | ProcessPoolExecutor, release: Path
 ) -> float:
-    """Objects of the web process's cyclic garbage collector per task queued
-    behind a running one (its only worker waits for ``release``)."""
-    with app.test_request_context("/?a=1"):
-        g.user = "alice"
-        blocker = executor.submit(_wait_for, str(release))
-        try:
-            executor.submit(_read_context)
-            gc.collect()
-            before = collections.Counter(map(type, gc.get_objects()))
-            futures = [executor.submit(_read_context) for _ in range(n)]
-            gc.collect()
-            after = collections.Counter(map(type, gc.get_objects()))
-        finally:
-            release.touch()
-        assert blocker.result(60) is True
-        if isinstance(executor, Executor):
-            assert [f.result(60) for f in futures] == [("1", "alice")] * n
-        else:  # no context: the task fails, which is not what is measured
-            assert all(f.exception(60) is not None for f in futures)
-    return sum((after - before).values()) / n
+    block = functools.partial(_wait_for, str(release))
+    return _tracked_per_pending_task(app, executor, block, release.touch)
 
 
 def test_pending_process_task_is_fewer_gc_objects_than_the_raw_pools(
