@@ -9,9 +9,7 @@ import copy
 import functools
 import gc
 import multiprocessing
-import os
 import threading
-import time
 import tracemalloc
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, g, request, session
+from support import block_until
 
 from flask_executor import Executor
 from flask_executor.backends.process import default_start_method
@@ -83,20 +82,10 @@ def test_pending_thread_task_is_few_gc_objects(
     assert per_task - raw_per_task <= MAX_TRACKED_BEYOND_RAW, (per_task, raw_per_task)
 
 
-def _wait_for(path: str) -> bool:
-    """Block a process worker until ``path`` exists (at most 30 s)."""
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} was not created")
-        time.sleep(0.01)
-    return True
-
-
 def _tracked_per_pending_process_task(
     app: Flask, executor: Executor | ProcessPoolExecutor, release: Path
 ) -> float:
-    block = functools.partial(_wait_for, str(release))
+    block = functools.partial(block_until, f"{release}.started", str(release), True)
     return _tracked_per_pending_task(app, executor, block, release.touch)
 
 
