@@ -31,7 +31,11 @@ class LeanFuture(Future[T], Generic[T]):
     library's methods use) are made when first used. ``dict.setdefault`` is
     atomic, so two threads that use a new future at once get the same ones."""
 
-    __slots__ = ("_made",)
+    # No __slots__: Future instances have a __dict__ anyway, and a slot added
+    # on top of it makes Python 3.13 keep that __dict__ as a separate dict,
+    # tracked by the garbage collector once it holds a container (the
+    # subclass's ``_meta``): one more object per pending task. Without slots
+    # the attributes live inline in the instance.
 
     def __init__(self) -> None:
         # Future.__init__ minus what is made on first use.
