@@ -183,6 +183,40 @@ def test_a_task_cancelled_while_sent_ahead_never_starts_however_late_the_dispatc
     assert not os.path.exists(marker)
 
 
+def test_shutdown_cancelling_futures_lets_a_task_its_worker_may_have_started_run(
+    app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
+) -> None:
+    # A task handed to an idle worker is pending until the worker's "took"
+    # is read. shutdown(cancel_futures=True) cancelled it meanwhile, and the
+    # worker that had started it was killed: a started task stopped, where
+    # only the unstarted are cancelled. The dispatcher is held in reading the
+    # "took" here, to make that window certain.
+    executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
+    with app.app_context():
+        pid = executor.submit(getpid).result(WAIT)  # the worker is up and idle
+    pool = executor._app_and_state()[1].backend._pool  # type: ignore[union-attr]
+    took, release = pool._took, threading.Event()
+
+    def late(*args: Any) -> None:
+        release.wait(WAIT)
+        took(*args)
+
+    pool._took = late
+    started, gate = str(tmp_path / "started"), gates.new()
+    try:
+        with app.app_context():
+            first = executor.submit(pid_after_gate, started, gate)
+        wait_for_path(started, WAIT)
+        assert not first.running()  # its "took" is held
+        executor.shutdown(wait=False, cancel_futures=True)
+        assert not first.cancelled()
+    finally:
+        release.set()
+    touch(gate)
+    assert first.result(WAIT) == pid  # it ran to its end, in the same worker
+    executor.shutdown(wait=True)
+
+
 def marker_within(path: str, seconds: float) -> bool:
     """Whether ``path`` appears within ``seconds``."""
     try:

@@ -220,8 +220,14 @@ class _Pool(Endings):
             dropped = list(self._pending) if cancel_futures else []
             if cancel_futures:
                 self._pending.clear()
-                # Sent ahead but not started: cancelled too (and asked back).
-                ahead = [i for w in self._workers for i in w.items if not i.taken]
+                # Sent ahead behind the worker's current task: cancelled too (and
+                # asked back). The current one runs even if its "took" is still
+                # on its way: the worker may have started it (as the standard
+                # pool runs what it has put in its call queue).
+                ahead = [
+                    i for w in self._workers for i in itertools.islice(w.items, 1, None)
+                    if not i.taken
+                ]
             else:
                 ahead = []
             if timeout is not None:
