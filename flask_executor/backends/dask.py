@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..appspec import restore_app
@@ -158,35 +158,20 @@ def _run_on_worker(
     except Exception:  # noqa: S110 - running() stays false; the task still runs
         pass
     try:
-        return _run_task(
-            payload, spec_bytes, app_version, push_context, chunked, topic, worker_init, publish
-        )
+        forward_logs()
+        if worker_init:
+            failure = _initialize(worker_init, topic, spec_bytes, app_version)
+            if failure is not None:
+                return failure
+        spec = None
+        if push_context:
+            spec = _worker_specs.get(app_version)
+            if spec is None:
+                _worker_specs.clear()  # keep only the current version
+                spec = _worker_specs[app_version] = loads(spec_bytes)
+        return run_call(payload, spec, push_context, chunked, publish)
     finally:
         start.finished = True
-
-
-def _run_task(
-    payload: bytes,
-    spec_bytes: bytes,
-    app_version: str,
-    push_context: bool,
-    chunked: bool,
-    topic: str,
-    worker_init: str | None,
-    publish: Callable[[str, Any], None],
-) -> Outcome:
-    forward_logs()
-    if worker_init:
-        failure = _initialize(worker_init, topic, spec_bytes, app_version)
-        if failure is not None:
-            return failure
-    spec = None
-    if push_context:
-        spec = _worker_specs.get(app_version)
-        if spec is None:
-            _worker_specs.clear()  # keep only the current version
-            spec = _worker_specs[app_version] = loads(spec_bytes)
-    return run_call(payload, spec, push_context, chunked, publish)
 
 
 _plaintext_warned: set[str] = set()
