@@ -20,7 +20,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
-from flask import Flask
+from flask import Flask, g
 
 from ..appspec import AppSpec, restore_app
 from ..errors import SerializationError
@@ -69,14 +69,21 @@ def run_call(
     push_context: bool,
     chunked: bool = False,
     publish: Publisher | None = None,
+    keep: list[Any] | None = None,
 ) -> Outcome:
     """Run one pickled call; never raises (but for BaseExceptions that must
     end the worker: KeyboardInterrupt). ``publish`` carries the task's meta
-    updates and log records to the web process while it runs."""
+    updates and log records to the web process while it runs. ``keep``
+    receives the call's arguments and its ``g``, for the caller to
+    let go of once the outcome is sent: freeing a large argument or ``g``
+    (a dict of many strings) is then no longer part of the round trip, as in
+    the standard pool, which drops a call after sending its result."""
     try:
         fn, args, kwargs, snap = loads(payload)
     except Exception as exc:
         return _error(exc, "the task's arguments could not be unpickled in the worker")
+    if keep is not None:
+        keep.append((fn, args, kwargs, snap))
     token = _current_task.set(TaskHandle(publish))
     try:
         app = restore_app(spec) if push_context and spec is not None else None
@@ -84,7 +91,7 @@ def run_call(
         if app is None:
             result = [call(*i, **kwargs) for i in args[0]] if chunked else call(*args, **kwargs)
         elif not chunked:
-            result = _in(restore(app, snap), call, args, kwargs)
+            result = _in(restore(app, snap), call, args, kwargs, keep)
         elif snap is None or snap.shared_by_items():
             each = restore(app, snap)  # one for every item: restoring never changes the snapshot
             result = [_in(each, call, item, kwargs) for item in args[0]]
@@ -106,9 +113,18 @@ def run_call(
         )
 
 
-def _in(context: restore, call: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-    """``call(*args, **kwargs)`` in a fresh context pushed by ``context``."""
+def _in(
+    context: restore,
+    call: Any,
+    args: Any,
+    kwargs: dict[str, Any],
+    keep: list[Any] | None = None,
+) -> Any:
+    """``call(*args, **kwargs)`` in a fresh context pushed by ``context``;
+    its ``g`` also goes to ``keep`` (see :func:`run_call`)."""
     with context:
+        if keep is not None:
+            keep.append(g._get_current_object())
         return call(*args, **kwargs)
 
 
@@ -369,10 +385,14 @@ def _serve_calls(conn: Connection, worker_init: str | None, calls: _Calls) -> No
         # Tasks are given to a worker, and their time limits count, from
         # here, not from the process start (spawn workers take a while).
         send(("ready",))
+    # What the last call used (its arguments, its popped context and g): let
+    # go of once its outcome is written, see run_call.
+    used: list[Any] = []
     while True:
         if held and not arrived.poll(0):
             calls.write(held)
             held = []
+        used.clear()
         try:
             message = decode(conn.recv_bytes())
         except (EOFError, OSError):
@@ -416,7 +436,7 @@ def _serve_calls(conn: Connection, worker_init: str | None, calls: _Calls) -> No
                 "the Flask app could not be rebuilt in the worker",
             )
         else:
-            outcome = run_call(payload, spec, push_context, chunked, publish)
+            outcome = run_call(payload, spec, push_context, chunked, publish, used)
         del message, payload
         held = _outcome_parts(task_id, outcome, time.perf_counter() - began)
         del outcome
