@@ -551,9 +551,12 @@ class DaskBackend(Backend):
                 self._client.cancel([f for f in outstanding if f is not None])
             except Exception:  # noqa: S110 - our futures are settled already
                 pass
-        self._release_finished()
         self._client.unsubscribe_topic(self._topic)
         self._client.close()
+        # After: closing releases every key of the client, and a closed client
+        # sends nothing (a release queued just before the close was written to
+        # a closing connection, and distributed logged its traceback).
+        self._release_finished()
         if self._cluster is not None:
             self._cluster.close()
         self._deadlines.stop()
