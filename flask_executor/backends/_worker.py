@@ -385,7 +385,7 @@ def _serve_calls(conn: Connection, worker_init: str | None, calls: _Calls) -> No
         # Tasks are given to a worker, and their time limits count, from
         # here, not from the process start (spawn workers take a while).
         send(("ready",))
-    # What the last call used (its arguments, its popped context and g): let
+    # What the last call used (its arguments and its g): let
     # go of once its outcome is written, see run_call.
     used: list[Any] = []
     while True:

@@ -474,7 +474,7 @@ class DaskBackend(Backend):
             finished, self._finished = self._finished, []
         del finished  # the last references: Dask tells the scheduler the keys are free
 
-    def _keep_until_next_submit(self, dask_future: Any) -> None:
+    def _hold_for_release(self, dask_future: Any) -> None:
         """Hold a finished task's Dask future for :data:`RELEASE_AFTER`, then
         release it with the others finished meanwhile. Released at once, each
         key's release message opened the client's batching interval (10 ms)
@@ -492,7 +492,7 @@ class DaskBackend(Backend):
                 self._release_finished()
 
     def _on_done(self, dask_future: Any, future: FutureProxy[Any], key: str) -> None:
-        self._keep_until_next_submit(dask_future)
+        self._hold_for_release(dask_future)
         self._running.pop(key, None)
         self._outstanding.pop(key, None)
         status = dask_future.status
