@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import flask
 from _dask import section_dask
 from _external import cold_start, compare_v1
+from _goals import goal_lines
 from _load import section_load
 from _store import section_store
 from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
@@ -659,9 +660,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     alive = leftovers()
     summary = summary_lines(results)
+    goals = goal_lines(results)
     if not plan.legacy:
         print("\n== summary ==")
         print_table(["target", "measured"], [[s["target"], s["text"]] for s in summary], left=2)
+        if goals:
+            print("\n== goals of issue 13 (throughput and load), with the floor of each ==")
+            print_table(["goal", "this run"], [[g["goal"], g["text"]] for g in goals], left=2)
     total = time.perf_counter() - started
     print(f"\ntotal {total:.1f} s")
     if args.json:
@@ -669,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             "meta": info,
             "sections": results,
             "summary": summary,
+            "goals": goals,
             "leftovers": alive,
             "total_seconds": total,
         }
