@@ -17,6 +17,7 @@ __all__ = [
     "ctx_fib",
     "ctx_task",
     "fib",
+    "floor_fib",
     "floor_task",
     "given",
     "identity",
@@ -40,18 +41,22 @@ def ctx_task() -> tuple[str, str, str]:
 _floor_apps: dict[str, Flask] = {}
 
 
+def _floor_app() -> Flask:
+    """The app a raw pool's worker builds once for the floor tasks."""
+    app = _floor_apps.get("app")
+    if app is None:
+        app = _floor_apps["app"] = Flask("bench_floor")
+        app.config["BENCH_KEY"] = "bench-value"
+        app.add_url_rule("/", "index", lambda: "")
+    return app
+
+
 def floor_task(environ: dict[str, Any], app: Flask | None = None) -> tuple[str, str, str]:
     """The floor: what giving a task its own request context costs in Flask
     itself, with public APIs only (``app.request_context`` on a copy of the
     environ, then ``g``), and no executor. Run in a raw pool; in a process
     pool the worker builds its app once."""
-    if app is None:
-        app = _floor_apps.get("app")
-        if app is None:
-            app = _floor_apps["app"] = Flask("bench_floor")
-            app.config["BENCH_KEY"] = "bench-value"
-            app.add_url_rule("/", "index", lambda: "")
-    with app.request_context(dict(environ)):
+    with (app or _floor_app()).request_context(dict(environ)):
         g.user = "alice"
         return ctx_task()
 
@@ -60,13 +65,17 @@ def floor_item(environ: dict[str, Any], item: Any) -> Any:
     """The floor of one ``map`` item run in its own context: what
     :func:`floor_task` builds (an app once per worker, a request context from a
     copy of the environ, ``g``), around :func:`identity`."""
-    app = _floor_apps.get("app")
-    if app is None:
-        floor_task(environ)  # builds the app
-        app = _floor_apps["app"]
-    with app.request_context(dict(environ)):
+    with _floor_app().request_context(dict(environ)):
         g.user = "alice"
         return identity(item)
+
+
+def floor_fib(environ: dict[str, Any], n: int) -> int:
+    """The floor of a CPU-bound context task: :func:`ctx_fib` in the request
+    context :func:`floor_task` builds."""
+    with _floor_app().request_context(dict(environ)):
+        g.user = "alice"
+        return ctx_fib(n)
 
 
 def fib(n: int) -> int:

@@ -34,8 +34,8 @@ from _external import cold_start, compare_v1
 from _goals import goal_lines
 from _load import section_load
 from _store import section_store
-from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_task, raw_task
-from _throughput import section_throughput
+from _tasks import RAW_RESULT, ctx_fib, ctx_task, fib, floor_fib, floor_task, raw_task
+from _throughput import floor_environ, section_throughput
 from _timing import RESULT_TIMEOUT, Runner, batch, interleave, print_table, ratio_block, round_trips
 from _upload import section_upload
 
@@ -355,9 +355,17 @@ def section_cpu(plan: Plan) -> dict[str, Any]:
     try:
         in_request(app, lambda: warm(lambda: executor.submit(ctx_fib, 2), 4, 5))
         warm(lambda: raw.submit(fib, 2), 4, 5)
+        environ = floor_environ(app, in_request)
+        warm(lambda: raw.submit(floor_fib, environ, 2), 4, 5)
         runners = [
             ("serial", timed(lambda: in_request(app, lambda: [ctx_fib(n) for _ in range(tasks)]))),
             ("raw", timed(lambda: all_results([raw.submit(fib, n) for _ in range(tasks)]))),
+            (
+                "floor",
+                timed(
+                    lambda: all_results([raw.submit(floor_fib, environ, n) for _ in range(tasks)])
+                ),
+            ),
             (
                 "ours",
                 timed(
@@ -370,6 +378,7 @@ def section_cpu(plan: Plan) -> dict[str, Any]:
         labels = {
             "serial": f"serial in the main process, ctx_fib({n}) x {tasks}",
             "raw": f"raw ProcessPoolExecutor(2) [{method}], fib",
+            "floor": "raw pool, ctx_fib in Flask's own request context (floor)",
             "ours": f"ours process(2) [{method}], ctx_fib in request",
         }
         print(
@@ -390,6 +399,7 @@ def section_cpu(plan: Plan) -> dict[str, Any]:
         "speedup": speedup,
         "raw_speedup": raw_speedup,
         "ours_vs_raw": times["ours"]["median"] / times["raw"]["median"],
+        "floor_vs_raw": times["floor"]["median"] / times["raw"]["median"],
         "fib_n": n,
         "tasks": tasks,
         "cpus": os.cpu_count(),
@@ -434,6 +444,7 @@ INFO = (
     ("process", "floor_ratio", "process round trip, Flask's own floor/raw"),
     ("dask", "map_ratio", "dask map of 1000 items, ours/client.map"),
     ("cpu", "ours_vs_raw", "CPU-bound total time, ours/raw pool"),
+    ("cpu", "floor_vs_raw", "CPU-bound total time, Flask's floor/raw pool"),
     ("cold", "ratio", "cold start to first result, ours/raw"),
     ("cold", "floor_ratio", "cold start to first result, Flask's floor/raw"),
     ("store", "sqlite_ratio", "stored task with the SQLite store / memory store"),
