@@ -634,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if set(only) - set(SECTIONS):
         parser.error(f"unknown section in --only {args.only!r}; choose from {SECTIONS}")
+    for output in (args.json, args.png):
+        if output:  # made now, not after the run: e.g. benchmarks/results/ (not in git)
+            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     plan = Plan.make(args.quick, legacy=args.legacy_v1)
     if args.thread_batch_round:
         plan = replace(plan, thread_batch_rounds=1, thread_batch_only=True)
