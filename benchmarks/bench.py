@@ -697,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.png:
         from _chart import draw
 
-        draw(results, summary, args.png, meta=info)
+        draw(results, summary, args.png, meta=info, goals=goals)
         print(f"chart written to {args.png}")
     return 1 if alive or any("error" in r for r in results.values()) else 0
 
