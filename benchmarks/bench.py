@@ -610,7 +610,7 @@ def run_section(name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller runs (under 30 s)")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (about 1 minute)")
     parser.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma-separated: {','.join(SECTIONS)}"
     )
