@@ -256,12 +256,35 @@ def test_a_task_waiting_behind_a_long_one_moves_to_a_worker_that_goes_idle(
 
 
 def warm(app: Flask, executor: Executor, count: int = 60) -> int:
-    """Run ``count`` trivial tasks one by one: the pool learns that its tasks
-    are short (a worker's first task, which imports, counted as a long one).
-    Returns the worker's pid."""
-    with app.app_context():
-        pids = {executor.submit(getpid).result(WAIT) for _ in range(count)}
+    """Run at least ``count`` trivial tasks one by one on a pool of one
+    worker, until it has learned that its tasks are short (see
+    :func:`learn_short`). Returns the worker's pid."""
+    pids = learn_short(app, executor, count)
+    assert len(pids) == 1, pids
     return pids.pop()
+
+
+def learn_short(app: Flask, executor: Executor, count: int = 0, ahead: int = 12) -> set[int]:
+    """Run trivial tasks one by one, at least ``count``, until the pool would
+    send ``ahead`` of them ahead to a busy worker. (A worker's first task,
+    which imports, counts as a long one; so does one slowed down by other
+    load, such as a parallel test run: a longer task counts at once and is
+    forgotten little by little.) Returns the pids that ran them."""
+    deadline = time.monotonic() + WAIT
+    pids = set()
+    with app.app_context():
+        while True:
+            pids.add(executor.submit(getpid).result(WAIT))  # (the first starts the pool)
+            count -= 1
+            if count <= 0 and _pool(executor)._ahead_limit() >= ahead:
+                return pids
+            assert time.monotonic() < deadline, "the pool never learned its tasks are short"
+
+
+def _pool(executor: Executor) -> Any:
+    backend = executor._app_and_state()[1].backend
+    assert backend is not None
+    return backend._pool  # type: ignore[attr-defined]
 
 
 def test_short_tasks_are_sent_ahead_several_at_a_time(
@@ -315,9 +338,10 @@ def test_every_task_waiting_behind_a_long_one_moves_to_a_worker_that_goes_idle(
     app: Flask, make_process_executor: MakeProcessExecutor, gates: Gates, tmp_path: Path
 ) -> None:
     executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=2)
-    with app.app_context():  # both workers up, the pool's tasks known as short
+    with app.app_context():  # both workers up
         for _ in range(30):
             [f.result(WAIT) for f in [executor.submit(getpid) for _ in range(2)]]
+    learn_short(app, executor)  # the pool's tasks known as short
     long_one, _ = running_blocked(app, executor, gates, tmp_path, "long")
     short_one, short_gate = running_blocked(app, executor, gates, tmp_path, "short")
     with app.app_context():
