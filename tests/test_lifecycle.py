@@ -369,6 +369,71 @@ def test_fork_after_submits_gives_the_child_its_own_pool(
     assert "Traceback" not in result.stderr, result.stderr
 
 
+FORK_HELD_LOCK_SCRIPT = """
+import os, sys, threading, time
+from multiprocessing import forkserver, resource_tracker
+from forkapp import app, executor, echo
+
+LOCKS = {
+    "resource tracker": resource_tracker._resource_tracker,
+    "fork server": forkserver._forkserver,
+}
+
+if __name__ == "__main__":
+    with app.app_context():
+        assert executor.submit(echo, "warm").result(timeout=30)[0] == "warm"
+    # Another thread of the parent is starting a pool process right now: it
+    # holds the lock when the fork happens, and never releases it in the child.
+    holder = LOCKS[sys.argv[1]]
+    holder._lock.acquire()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with app.app_context():
+                got = executor.submit(echo, "child").result(timeout=20)
+            print("child", "ok" if got == ("child", None) else f"wrong {got}", flush=True)
+        except BaseException as exc:
+            print("child failed", repr(exc), flush=True)
+            os._exit(1)
+        sys.exit(0)
+    holder._lock.release()
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        print("child hung", flush=True)
+    print("parent done", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lock", ["resource tracker", "fork server"])
+def test_a_child_forked_while_the_parent_starts_a_pool_process_starts_its_own(
+    tmp_path: Path, lock: str
+) -> None:
+    """multiprocessing's fork server and resource tracker each guard their
+    start with a plain lock; a child forked while a parent thread holds one
+    (its dispatcher starting a worker) must not inherit it held, or its own
+    first pool process never starts."""
+    (tmp_path / "forkapp.py").write_text(FORK_APP)
+    env = {"KIND": "process", "START_METHOD": "forkserver"}
+    script = tmp_path / "held.py"
+    script.write_text(textwrap.dedent(FORK_HELD_LOCK_SCRIPT))
+    path = os.pathsep.join([str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(script), lock], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120, env={**os.environ, **env, "PYTHONPATH": path},
+    )  # fmt: skip
+    assert result.stdout.splitlines() == ["child ok", "parent done"], (
+        result.stdout + result.stderr
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 @pytest.mark.slow
 def test_fork_worker_submits_to_the_executor_it_inherited(tmp_path: Path) -> None:
     (tmp_path / "forkapp.py").write_text(FORK_APP)

@@ -238,6 +238,7 @@ def _after_fork_in_child() -> None:
     if isinstance(children, set):
         children.clear()
     _forget_forkserver()
+    _unlock_resource_tracker()
     for listener in list(_fork_listeners):
         listener._after_fork_in_child()
 
@@ -266,6 +267,24 @@ def _forget_forkserver() -> None:
     server._forkserver_pid = None
     server._forkserver_address = None
     server._lock = threading.Lock()  # another thread may have held it at the fork
+
+
+def _unlock_resource_tracker() -> None:
+    """In a forked child, a fresh lock for :mod:`multiprocessing`'s resource
+    tracker. Every process a fork server starts asks the tracker whether it
+    is alive, under that lock, so a parent thread starting a pool worker may
+    hold it at the fork; a lock held at a fork stays held in the child for
+    good, and the child's first pool worker would never start. The tracker is
+    still the parent's, shared with the child as multiprocessing shares it
+    with the processes it starts."""
+    module = sys.modules.get("multiprocessing.resource_tracker")
+    tracker = getattr(module, "_resource_tracker", None)
+    lock = getattr(tracker, "_lock", None)
+    if lock is None:
+        return
+    # Python 3.12+ uses an RLock (it checks its recursion count), earlier a Lock.
+    reentrant = isinstance(lock, type(threading.RLock()))
+    tracker._lock = threading.RLock() if reentrant else threading.Lock()  # type: ignore[union-attr]
 
 
 @atexit.register
