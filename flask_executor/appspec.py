@@ -210,6 +210,18 @@ _live_apps: weakref.WeakValueDictionary[str, Flask] = weakref.WeakValueDictionar
 _app_tokens: weakref.WeakKeyDictionary[Flask, str] = weakref.WeakKeyDictionary()
 
 
+def _new_lock_in_child() -> None:
+    """In a forked child, a free ``_spec_lock``: another thread (a request
+    submitting to a process pool) may have held it at the fork, and a lock
+    held at a fork stays held in the child for good."""
+    global _spec_lock
+    _spec_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def app_token(app: Flask) -> str:
     """A stable identifier for ``app`` in this process."""
     with _spec_lock:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -331,6 +332,17 @@ def _g_restore(snap: Snapshot) -> None:
 
 _omitting_classes: dict[tuple[type, frozenset[tuple[str, str]]], type] = {}
 _omitting_lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """In a forked child, a free ``_omitting_lock`` (see
+    :func:`flask_executor.appspec._new_lock_in_child`)."""
+    global _omitting_lock
+    _omitting_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _omitting_class(base: type, omitted: dict[str, str]) -> type:

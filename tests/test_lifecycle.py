@@ -372,11 +372,16 @@ def test_fork_after_submits_gives_the_child_its_own_pool(
 FORK_HELD_LOCK_SCRIPT = """
 import os, sys, threading, time
 from multiprocessing import forkserver, resource_tracker
-from forkapp import app, executor, echo
+from flask import g
+from flask_executor import appspec, snapshot
+from forkapp import app, executor, inner, echo
 
-LOCKS = {
-    "resource tracker": resource_tracker._resource_tracker,
-    "fork server": forkserver._forkserver,
+LOCKS = {  # the lock, and the child's executor (its first submit takes that lock)
+    "resource tracker": (resource_tracker._resource_tracker, "_lock", executor),
+    "fork server": (forkserver._forkserver, "_lock", executor),
+    "app spec": (appspec, "_spec_lock", executor),
+    # a thread task whose g left a value out (a lock cannot be copied)
+    "omitted g": (snapshot, "_omitting_lock", inner),
 }
 
 if __name__ == "__main__":
@@ -384,19 +389,21 @@ if __name__ == "__main__":
         assert executor.submit(echo, "warm").result(timeout=30)[0] == "warm"
     # Another thread of the parent is starting a pool process right now: it
     # holds the lock when the fork happens, and never releases it in the child.
-    holder = LOCKS[sys.argv[1]]
-    holder._lock.acquire()
+    holder, name, child_executor = LOCKS[sys.argv[1]]
+    lock = getattr(holder, name)
+    lock.acquire()
     pid = os.fork()
     if pid == 0:
         try:
-            with app.app_context():
-                got = executor.submit(echo, "child").result(timeout=20)
+            with app.test_request_context():
+                g.lock = threading.Lock()
+                got = child_executor.submit(echo, "child").result(timeout=20)
             print("child", "ok" if got == ("child", None) else f"wrong {got}", flush=True)
         except BaseException as exc:
             print("child failed", repr(exc), flush=True)
             os._exit(1)
         sys.exit(0)
-    holder._lock.release()
+    lock.release()
     end = time.monotonic() + 60
     while time.monotonic() < end:
         if os.waitpid(pid, os.WNOHANG)[0]:
@@ -410,14 +417,16 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lock", ["resource tracker", "fork server"])
-def test_a_child_forked_while_the_parent_starts_a_pool_process_starts_its_own(
+@pytest.mark.parametrize("lock", ["resource tracker", "fork server", "app spec", "omitted g"])
+def test_a_child_forked_while_a_parent_thread_holds_a_lock_still_runs_its_tasks(
     tmp_path: Path, lock: str
 ) -> None:
     """multiprocessing's fork server and resource tracker each guard their
     start with a plain lock; a child forked while a parent thread holds one
     (its dispatcher starting a worker) must not inherit it held, or its own
-    first pool process never starts."""
+    first pool process never starts. The same for flask-executor's own
+    module locks (the app spec's cache, the class of a g that left values
+    out), which a request thread may hold at the fork."""
     (tmp_path / "forkapp.py").write_text(FORK_APP)
     env = {"KIND": "process", "START_METHOD": "forkserver"}
     script = tmp_path / "held.py"
