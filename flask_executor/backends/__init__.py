@@ -271,8 +271,8 @@ def _forget_forkserver() -> None:
 
 def _unlock_resource_tracker() -> None:
     """In a forked child, a fresh lock for :mod:`multiprocessing`'s resource
-    tracker. Every process a fork server starts asks the tracker whether it
-    is alive, under that lock, so a parent thread starting a pool worker may
+    tracker. Every process a fork server (or ``spawn``) starts asks the tracker
+    whether it is alive, under that lock, so a parent thread starting a pool worker may
     hold it at the fork; a lock held at a fork stays held in the child for
     good, and the child's first pool worker would never start. The tracker is
     still the parent's, shared with the child as multiprocessing shares it
