@@ -668,13 +668,20 @@ def test_submit_after_shutdown_raises(executor: Executor) -> None:
 
 def test_shutdown_cancel_futures(app: Flask, make_executor: MakeExecutor, gates: Gates) -> None:
     executor = make_executor(app, EXECUTOR_MAX_WORKERS=1)
-    started, gate = gates.new(), gates.new()
-    first = executor.submit(block_until, started, gate, "first")
-    wait_for_path(started)
+    # Every slot busy, so that the tasks after them wait: one worker here; the
+    # shared Dask cluster has two single-threaded workers, whatever the config
+    # (with one of them free, the six quick tasks could all finish first).
+    slots = 2 if app.config["EXECUTOR_TYPE"] == "dask" else 1
+    gate = gates.new()
+    blockers = []
+    for _ in range(slots):
+        started = gates.new()
+        blockers.append(executor.submit(block_until, started, gate, "first"))
+        wait_for_path(started)
     pending = [executor.submit(add, i, 1000) for i in range(6)]
     executor.shutdown(wait=False, cancel_futures=True)
     touch(gate)
-    assert first.result(timeout=TIMEOUT) == "first"
+    assert [f.result(timeout=TIMEOUT) for f in blockers] == ["first"] * slots
     # Not concurrent.futures.wait(): futures cancelled by shutdown() stay in the
     # CANCELLED state that wait() does not count as done (a CPython quirk).
     wait_until(lambda: all(f.done() for f in pending))
