@@ -73,13 +73,12 @@ def _goals(ax: Any, rows: list[dict[str, Any]]) -> None:
     shares = [float(line["measured"]) / line["limit"] for line in rows]
     ax.barh(positions, shares, color=[COLOURS[line["status"]] for line in rows])
     for pos, line, share in zip(positions, rows, shares, strict=True):
-        unit = " us" if line["goal"].endswith("us per item") else "x"
         end = share
         if line["floor"] is not None:
             floor = line["floor"] / line["limit"]
             ax.plot(floor, pos, marker="D", color="black", markersize=4)
             end = max(end, floor)
-        ax.text(end * 1.03, pos, f" {line['measured']:.2f}{unit}", va="center", fontsize=8)
+        ax.text(end * 1.03, pos, f" {line['measured']:.2f}{line['unit']}", va="center", fontsize=8)
     ax.axvline(1.0, color="black", linewidth=1.2)
     ax.set_xscale("log")  # from well under the goal to 10x over it (a 1 MB g in processes)
     ax.set_yticks(positions, [line["goal"] for line in rows], fontsize=8)

@@ -268,8 +268,7 @@ def section_process(plan: Plan) -> dict[str, Any]:
         warm(lambda: raw.submit(raw_task))
         runners.insert(0, ("raw", sequential(lambda: raw.submit(raw_task))))
         if not plan.legacy:
-            environ = in_request(app, lambda: dict(flask.request.environ))
-            environ = {k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple))}
+            environ = floor_environ(app, in_request)
             warm(lambda: raw.submit(floor_task, environ))
             runners.insert(1, ("floor", sequential(lambda: raw.submit(floor_task, environ))))
             labels["floor"] = "raw pool + Flask's own request context (floor)"
