@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import MakeExecutor
 from flask import Flask
+from servers import session_pids
 from support import wait_until
 
 from flask_executor import Executor, SerializationError, ShutdownTimeoutError
@@ -440,24 +441,16 @@ def test_a_child_forked_while_a_parent_thread_holds_a_lock_still_runs_its_tasks(
     )  # fmt: skip
     try:
         stdout, stderr = proc.communicate(timeout=45)
-        wait_until(lambda: not _group_alive(proc.pid), 15)  # pool processes exit after it
+        wait_until(lambda: not session_pids(proc.pid), 15)  # pool processes exit after it
     finally:
-        left = _group_alive(proc.pid)
+        left = session_pids(proc.pid)
         if left:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not left, "a process the script started was left running"
+    assert not left, f"processes the script started were left running: {left}"
     assert stdout.splitlines() == ["child ok", "parent done"], stdout + stderr
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.slow
