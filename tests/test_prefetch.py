@@ -41,10 +41,15 @@ def pid_after_sleep(seconds: float) -> int:
     return os.getpid()
 
 
+def backend(executor: Executor) -> Any:
+    """The executor's backend (started by its first submit)."""
+    started = executor._app_and_state()[1].backend
+    assert started is not None
+    return started
+
+
 def stats(executor: Executor) -> dict[str, Any]:
-    backend = executor._app_and_state()[1].backend
-    assert backend is not None
-    return backend.stats()
+    return backend(executor).stats()  # type: ignore[no-any-return]
 
 
 def sent_ahead(executor: Executor) -> int:
@@ -159,7 +164,7 @@ def test_a_task_cancelled_while_sent_ahead_never_starts_however_late_the_dispatc
     executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
     marker = str(tmp_path / "ran")
     first, gate, second = one_sent_ahead(app, executor, gates, tmp_path, touch, marker)
-    pool = executor._app_and_state()[1].backend._pool  # type: ignore[union-attr]
+    pool = backend(executor)._pool
     handle, release = pool._handle_stop_requests, threading.Event()
 
     def late() -> None:
@@ -194,7 +199,7 @@ def test_shutdown_cancelling_futures_lets_a_task_its_worker_may_have_started_run
     executor = make_process_executor(app, None, EXECUTOR_MAX_WORKERS=1)
     with app.app_context():
         pid = executor.submit(getpid).result(WAIT)  # the worker is up and idle
-    pool = executor._app_and_state()[1].backend._pool  # type: ignore[union-attr]
+    pool = backend(executor)._pool
     took, release = pool._took, threading.Event()
 
     def late(*args: Any) -> None:
@@ -276,15 +281,9 @@ def learn_short(app: Flask, executor: Executor, count: int = 0, ahead: int = 12)
         while True:
             pids.add(executor.submit(getpid).result(WAIT))  # (the first starts the pool)
             count -= 1
-            if count <= 0 and _pool(executor)._ahead_limit() >= ahead:
+            if count <= 0 and backend(executor)._pool._ahead_limit() >= ahead:
                 return pids
             assert time.monotonic() < deadline, "the pool never learned its tasks are short"
-
-
-def _pool(executor: Executor) -> Any:
-    backend = executor._app_and_state()[1].backend
-    assert backend is not None
-    return backend._pool  # type: ignore[attr-defined]
 
 
 def test_short_tasks_are_sent_ahead_several_at_a_time(
