@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
+from fault_support import write_pid
 from support import wait_for_path
 
 from flask_executor import current_task
@@ -25,7 +25,7 @@ def render_report(gate: str, steps: int = 40) -> str:
 def long_export(pid_file: str, gate: str) -> None:
     """Write this worker's pid, then run until stopped (or the gate opens)."""
     current_task.update(progress=0.15, rows=1200)
-    Path(pid_file).write_text(str(os.getpid()))
+    write_pid(pid_file)  # atomically: the test reads it as soon as it exists
     wait_for_path(gate, timeout=120)
 
 

@@ -35,8 +35,14 @@ def echo(value):
     return {"value": value, "user": g.get("user"), "pid": os.getpid()}
 
 
+def put(name, text):
+    """Write a file whole, then rename it: a test never reads it half-written."""
+    (OUT / f"tmp-{name}").write_text(text)
+    os.replace(OUT / f"tmp-{name}", OUT / name)
+
+
 def sleep_then(seconds, name):
-    (OUT / f"started-{name}").write_text(str(os.getpid()))
+    put(f"started-{name}", str(os.getpid()))
     time.sleep(seconds)
     return name
 '''
@@ -47,7 +53,7 @@ import time
 
 from flask import Flask, g, jsonify
 from flask_executor import Executor
-from lifetasks import OUT, echo, sleep_then
+from lifetasks import OUT, echo, put, sleep_then
 
 app = Flask("lifeapp")
 app.config["EXECUTOR_TYPE"] = os.environ.get("KIND", "thread")
@@ -64,7 +70,7 @@ def record(name):
             text = "error:" + type(future.exception()).__name__
         else:
             text = "ok:" + future.result()
-        (OUT / f"outcome-{name}").write_text(text)
+        put(f"outcome-{name}", text)
     return callback
 
 
@@ -257,7 +263,12 @@ OUT = Path(os.environ["OUT_DIR"])
 
 def mark(index):
     (OUT / f"ran-{index}-{os.getpid()}").write_text("")
-    time.sleep(0.5)
+    # Held at a gate the test opens, so the test knows what each pool
+    # worker runs when it kills one (no worker moves on meanwhile).
+    deadline = time.monotonic() + 30
+    while not (OUT / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # keep a backlog, so each worker holds a task sent ahead
     return os.getpid()
 '''
 
@@ -276,8 +287,13 @@ executor = Executor(app)
 def record(index):
     def callback(future):
         error = future.exception()
-        text = f"ok:{future.result()}" if error is None else f"error:{type(error).__name__}"
-        (OUT / f"outcome-{index}").write_text(text)
+        text = (
+            f"ok:{future.result()}" if error is None
+            else f"error:{type(error).__name__}:{error}"
+        )
+        # Written whole, then renamed: the test never reads a half-written file.
+        (OUT / f"tmp-{index}").write_text(text)
+        os.replace(OUT / f"tmp-{index}", OUT / f"outcome-{index}")
     return callback
 
 
@@ -302,28 +318,23 @@ def test_a_killed_pool_worker_fails_only_its_task_and_its_task_sent_ahead_runs_o
         "burstapp:app", cwd=tmp_path, workers=1, env={"OUT_DIR": str(tmp_path)}
     ) as server:
         assert server.get(f"/burst/{count}").text == "submitted"
-        # Both pool workers up and a backlog: each runs a task and holds the next.
-        wait_until(lambda: len(list(tmp_path.glob("ran-*"))) >= 3, timeout=30)
-        # What each pool worker runs now: its latest task (a worker runs its
-        # tasks in order; an earlier one may have ended before its outcome
-        # file is written), one that has not ended.
-        latest: dict[int, int] = {}
-        for path in tmp_path.glob("ran-*"):
-            index, pid = (int(part) for part in path.name.split("-")[1:])
-            latest[pid] = max(latest.get(pid, -1), index)
-        victim, victim_index = next(
-            (pid, index) for pid, index in latest.items()
-            if not (tmp_path / f"outcome-{index}").exists()
-        )  # fmt: skip
+        # Both pool workers up and held at the gate, each holding the next
+        # task sent ahead: what each runs is fixed until the gate opens.
+        wait_until(lambda: len(list(tmp_path.glob("ran-*"))) >= 2, timeout=30)
+        first = sorted(tmp_path.glob("ran-*"))[0]
+        victim_index, victim = (int(part) for part in first.name.split("-")[1:])
         os.kill(victim, signal.SIGKILL)
+        (tmp_path / "go").write_text("")
         wait_until(lambda: len(list(tmp_path.glob("outcome-*"))) == count, timeout=60)
         outcomes = {i: (tmp_path / f"outcome-{i}").read_text() for i in range(count)}
         runs = [path.name.split("-")[1:] for path in tmp_path.glob("ran-*")]
+    report = "\n".join(f"{i}: {text}" for i, text in outcomes.items())
+    report += f"\nvictim {victim} ran {victim_index}\n{server.output()}"
     failed = [i for i, text in outcomes.items() if not text.startswith("ok:")]
-    assert failed == [victim_index], outcomes
-    assert outcomes[victim_index] == "error:TerminatedWorkerError"
+    assert failed == [victim_index], report
+    assert outcomes[victim_index].startswith("error:TerminatedWorkerError"), report
     ran = sorted(int(index) for index, _ in runs)
-    assert ran == list(range(count)), runs  # each task ran exactly once
+    assert ran == list(range(count)), (runs, report)  # each task ran exactly once
     for index, pid in runs:
         if int(index) != victim_index:
-            assert outcomes[int(index)] == f"ok:{pid}"
+            assert outcomes[int(index)] == f"ok:{pid}", report
