@@ -40,6 +40,13 @@ class TwoArgError(Exception):
         self.a = a
         self.b = b
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # What BaseException's own reduction gives, as the class's own: tblib's
+        # exception pickling (installed by importing distributed, and inherited
+        # by fork workers) rebuilds an exception without calling __init__ only
+        # when its class keeps the builtin reduction.
+        return type(self), self.args
+
 
 class LockError(Exception):
     """Cannot be pickled at all: it holds a lock."""

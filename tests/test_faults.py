@@ -304,3 +304,33 @@ def test_fault(
     assert bystander.result(timeout=WAIT) == "bystander"
 
     assert_pool_usable(executor, tmp_path)
+
+
+UNDER_TBLIB = """
+import fault_support  # its exceptions defined first, as when a test run imports it
+import distributed  # noqa: F401  (importing it installs tblib's exception pickling for them)
+from flask import Flask
+from flask_executor import Executor, SerializationError
+
+app = Flask("undertblib")
+app.config.update(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD="fork", EXECUTOR_MAX_WORKERS=1)
+executor = Executor(app)
+with app.app_context():
+    error = executor.submit(fault_support.raise_two_arg_error).exception(timeout=30)
+executor.shutdown(wait=True)
+print(type(error).__name__, error)
+"""
+
+
+def test_the_unrebuildable_exception_stays_so_where_dask_installed_tblib(tmp_path: Path) -> None:
+    """Importing ``distributed`` installs tblib's exception pickling for every
+    exception class defined by then, which rebuilds one whose ``__init__``
+    wants other arguments than its ``args``; a ``fork`` worker inherits it.
+    The fault table's unrebuildable exception must stay unrebuildable there
+    (a CI run failed when a Dask test had run earlier in the same process)."""
+    from test_lifecycle import run_script
+
+    done = run_script(tmp_path, UNDER_TBLIB)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("SerializationError "), done.stdout + done.stderr
+    assert "could not be rebuilt" in done.stdout, done.stdout
