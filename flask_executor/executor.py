@@ -370,7 +370,7 @@ class Executor(concurrent.futures.Executor):
         With a process or Dask backend, ``chunksize`` items travel together
         in one payload; each still runs in its own context. With processes
         and on Dask a ``chunksize`` of 1 is raised to about four chunks per
-        worker (processes: at most 256 items a chunk, and never with
+        worker (processes: at most 1,024 items a chunk, and never with
         ``EXECUTOR_TASK_TIMEOUT`` set, so that the time limit stays per item).
 
         .. versionchanged:: 2.0

@@ -75,7 +75,12 @@ WORKER_START_TIMEOUT = 60.0
 
 
 #: The largest chunk ``map`` makes by itself (a ``chunksize`` left at 1).
-MAX_AUTO_CHUNK = 256
+#: Each chunk costs the web process and the worker about a millisecond on a
+#: 2-CPU machine (dispatch, wake-ups, results): 4 us per item at 256 items a
+#: chunk, under 1 us at 1,024 (a 100,000-item map of a trivial task in full
+#: context: 43.0 us per item at 256, 40.7 at 1,024, 40.8 at 2,048). A chunk
+#: that fails (a worker dies) fails its items together, so no larger.
+MAX_AUTO_CHUNK = 1024
 
 
 class ProcessBackend(Backend):
