@@ -60,7 +60,7 @@ def _targets(ax: Any, rows: list[dict[str, Any]]) -> None:
         ax.text(value, pos, f" {value:.2f}x", va="center", fontsize=8)
     ax.axvline(1.0, color="#555555", linewidth=0.8, linestyle="--")
     if values and max(values) / max(min(values), 1e-3) > 20:
-        ax.set_xscale("log")  # ratios from 0.01x to 20x: a linear axis hides the small ones
+        _log_axis(ax)  # ratios from 0.01x to 20x: a linear axis hides the small ones
     ax.set_yticks(positions, [line["target"] for line in rows], fontsize=8)
     ax.set_xlabel(
         "targets: ratio (1.00x = the raw pool; black tick = target; green PASS, red MISS)",
@@ -80,10 +80,21 @@ def _goals(ax: Any, rows: list[dict[str, Any]]) -> None:
             end = max(end, floor)
         ax.text(end * 1.03, pos, f" {line['measured']:.2f}{line['unit']}", va="center", fontsize=8)
     ax.axvline(1.0, color="black", linewidth=1.2)
-    ax.set_xscale("log")  # from well under the goal to 10x over it (a 1 MB g in processes)
+    _log_axis(ax)  # from well under the goal to 10x over it (a 1 MB g in processes)
     ax.set_yticks(positions, [line["goal"] for line in rows], fontsize=8)
     ax.set_xlabel(
         "issue 13: the figure / its goal (1.0 = the goal; diamond = the floor measured in the"
         " same run;\ngreen MET, amber BELOW FLOOR: the goal is under the floor, red MISS)",
         fontsize=8,
     )
+
+
+def _log_axis(ax: Any) -> None:
+    """A log x axis labelled 0.2, 0.5, 1, 2, 5, ... in plain numbers: the
+    default labels every minor tick in powers of ten, and they overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
