@@ -176,28 +176,18 @@ def section_thread(plan: Plan) -> dict[str, Any]:
     app = make_app("bench_thread", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2)
     executor = Executor(app)
     raw = ThreadPoolExecutor(max_workers=2)
+    who = "Flask-Executor 1.0" if plan.legacy else "ours"
+    labels = {
+        "raw": "raw ThreadPoolExecutor(2), raw_task",
+        "floor": "raw pool + Flask's own request context (floor)",
+        "ours": f"{who} thread(2), ctx_task in request",
+    }
     try:
         result = in_request(app, lambda: executor.submit(ctx_task).result(RESULT_TIMEOUT))
         check(result, CTX_RESULT, "ctx_task (thread)")
-        environ = in_request(app, lambda: dict(flask.request.environ))
-        trips = [
-            ("raw", sequential(lambda: raw.submit(raw_task))),
-            ("floor", sequential(lambda: raw.submit(floor_task, environ, app))),
-            ("ours", sequential(lambda: executor.submit(ctx_task), app)),
-        ]
-        batches = [
-            ("raw", batched(lambda: raw.submit(raw_task))),
-            ("floor", batched(lambda: raw.submit(floor_task, environ, app))),
-            ("ours", batched(lambda: executor.submit(ctx_task), app)),
-        ]
+        trips, batches = _thread_runners(app, executor, raw)
         for _, runner in trips + batches:
             runner(200)  # warm-up, not measured
-        who = "Flask-Executor 1.0" if plan.legacy else "ours"
-        labels = {
-            "raw": "raw ThreadPoolExecutor(2), raw_task",
-            "floor": "raw pool + Flask's own request context (floor)",
-            "ours": f"{who} thread(2), ctx_task in request",
-        }
         print(f"  sequential round trips (submit + result): {plan.rounds} rounds x {plan.thread_n}")
         seq = ratio_block(interleave(trips, plan.rounds, plan.thread_n), "raw", labels)
         print(
@@ -208,7 +198,7 @@ def section_thread(plan: Plan) -> dict[str, Any]:
     finally:
         executor.shutdown(wait=True)
         raw.shutdown(wait=True)
-    return {
+    out = {
         "sequential": seq,
         "batch": bat,
         "ratio": seq["ours"]["ratio"],
@@ -218,6 +208,70 @@ def section_thread(plan: Plan) -> dict[str, Any]:
         "n": plan.thread_n,
         "batch_n": plan.batch_n,
     }
+    one_cpu = _thread_round_trips_on_one_cpu(plan, labels)
+    if one_cpu is not None:
+        out["one_cpu"] = one_cpu
+        out["one_cpu_ratio"] = one_cpu["ours"]["ratio"]
+        out["one_cpu_floor_ratio"] = one_cpu["floor"]["ratio"]
+        out["one_cpu_vs_floor"] = one_cpu["ours"]["median"] / one_cpu["floor"]["median"]
+    return out
+
+
+def _thread_runners(
+    app: Any, executor: Any, raw: ThreadPoolExecutor
+) -> tuple[list[tuple[str, Runner]], list[tuple[str, Runner]]]:
+    """Section 1's round-trip and batch runners: raw, floor, ours."""
+    environ = in_request(app, lambda: dict(flask.request.environ))
+    trips = [
+        ("raw", sequential(lambda: raw.submit(raw_task))),
+        ("floor", sequential(lambda: raw.submit(floor_task, environ, app))),
+        ("ours", sequential(lambda: executor.submit(ctx_task), app)),
+    ]
+    batches = [
+        ("raw", batched(lambda: raw.submit(raw_task))),
+        ("floor", batched(lambda: raw.submit(floor_task, environ, app))),
+        ("ours", batched(lambda: executor.submit(ctx_task), app)),
+    ]
+    return trips, batches
+
+
+def _thread_round_trips_on_one_cpu(
+    plan: Plan, labels: dict[str, str]
+) -> dict[str, Any] | None:
+    """The sequential round trips again, with this thread and new pools'
+    threads (which inherit its CPU mask) all on one CPU; ``None`` where the
+    platform cannot pin threads.
+
+    On two CPUs a round trip is two thread wake-ups, and a wake-up on the
+    other CPU costs more than on this one (much more in a virtual machine);
+    which CPU each pool's threads end up on is the scheduler's choice, so the
+    raw pool beside ours may be luckier or less so. On one CPU every variant
+    pays the same wake-ups: what is left is the work each does.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    from flask_executor import Executor
+
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        app = make_app("bench_thread_one_cpu", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2)
+        executor = Executor(app)
+        raw = ThreadPoolExecutor(max_workers=2)
+        try:
+            trips, batches = _thread_runners(app, executor, raw)
+            for _, runner in trips + batches:
+                runner(200)  # warm-up: both threads of each pool started
+            print(
+                f"\n  sequential round trips, every thread on one CPU: {plan.rounds} rounds x"
+                f" {plan.thread_n}"
+            )
+            return ratio_block(interleave(trips, plan.rounds, plan.thread_n), "raw", labels)
+        finally:
+            executor.shutdown(wait=True)
+            raw.shutdown(wait=True)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 # -- 2. process ------------------------------------------------------------------------
@@ -438,6 +492,9 @@ TARGETS = {
 }  # fmt: skip
 INFO = (
     ("thread", "floor_ratio", "thread round trip, Flask's own floor/raw"),
+    ("thread", "one_cpu_ratio", "thread round trip on one CPU, ours/raw"),
+    ("thread", "one_cpu_floor_ratio", "thread round trip on one CPU, Flask's floor/raw"),
+    ("thread", "one_cpu_vs_floor", "thread round trip on one CPU, ours/Flask's floor"),
     ("thread", "batch_ratio", "thread batch of {batch_n}, ours/raw"),
     ("thread", "batch_floor_ratio", "thread batch of {batch_n}, Flask's floor/raw"),
     ("process", "floor_ratio", "process round trip, Flask's own floor/raw"),
