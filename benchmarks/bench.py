@@ -13,6 +13,7 @@ measured in the same run, the variants interleaved in short rounds (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import functools
 import json
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
@@ -171,23 +172,16 @@ def raw_process_pool(method: str) -> ProcessPoolExecutor:
 
 
 def section_thread(plan: Plan) -> dict[str, Any]:
-    from flask_executor import Executor
-
-    app = make_app("bench_thread", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2)
-    executor = Executor(app)
-    raw = ThreadPoolExecutor(max_workers=2)
     who = "Flask-Executor 1.0" if plan.legacy else "ours"
     labels = {
         "raw": "raw ThreadPoolExecutor(2), raw_task",
         "floor": "raw pool + Flask's own request context (floor)",
         "ours": f"{who} thread(2), ctx_task in request",
     }
-    try:
+    with _thread_pools("bench_thread") as (app, executor, raw):
         result = in_request(app, lambda: executor.submit(ctx_task).result(RESULT_TIMEOUT))
         check(result, CTX_RESULT, "ctx_task (thread)")
         trips, batches = _thread_runners(app, executor, raw)
-        for _, runner in trips + batches:
-            runner(200)  # warm-up, not measured
         print(f"  sequential round trips (submit + result): {plan.rounds} rounds x {plan.thread_n}")
         seq = ratio_block(interleave(trips, plan.rounds, plan.thread_n), "raw", labels)
         print(
@@ -195,9 +189,6 @@ def section_thread(plan: Plan) -> dict[str, Any]:
             " rounds"
         )
         bat = ratio_block(interleave(batches, plan.batch_rounds, plan.batch_n), "raw", labels)
-    finally:
-        executor.shutdown(wait=True)
-        raw.shutdown(wait=True)
     out = {
         "sequential": seq,
         "batch": bat,
@@ -217,10 +208,27 @@ def section_thread(plan: Plan) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _thread_pools(name: str) -> Iterator[tuple[Any, Any, ThreadPoolExecutor]]:
+    """Section 1's app, its thread executor and the raw pool, each of two
+    threads; both pools shut down at the end."""
+    from flask_executor import Executor
+
+    app = make_app(name, EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2)
+    executor = Executor(app)
+    raw = ThreadPoolExecutor(max_workers=2)
+    try:
+        yield app, executor, raw
+    finally:
+        executor.shutdown(wait=True)
+        raw.shutdown(wait=True)
+
+
 def _thread_runners(
     app: Any, executor: Any, raw: ThreadPoolExecutor
 ) -> tuple[list[tuple[str, Runner]], list[tuple[str, Runner]]]:
-    """Section 1's round-trip and batch runners: raw, floor, ours."""
+    """Section 1's round-trip and batch runners (raw, floor, ours), each run
+    once unmeasured: a warm-up that also starts both threads of each pool."""
     environ = in_request(app, lambda: dict(flask.request.environ))
     trips = [
         ("raw", sequential(lambda: raw.submit(raw_task))),
@@ -232,6 +240,8 @@ def _thread_runners(
         ("floor", batched(lambda: raw.submit(floor_task, environ, app))),
         ("ours", batched(lambda: executor.submit(ctx_task), app)),
     ]
+    for _, runner in trips + batches:
+        runner(200)
     return trips, batches
 
 
@@ -250,26 +260,16 @@ def _thread_round_trips_on_one_cpu(
     """
     if not hasattr(os, "sched_getaffinity"):
         return None
-    from flask_executor import Executor
-
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(before)})
     try:
-        app = make_app("bench_thread_one_cpu", EXECUTOR_TYPE="thread", EXECUTOR_MAX_WORKERS=2)
-        executor = Executor(app)
-        raw = ThreadPoolExecutor(max_workers=2)
-        try:
-            trips, batches = _thread_runners(app, executor, raw)
-            for _, runner in trips + batches:
-                runner(200)  # warm-up: both threads of each pool started
+        with _thread_pools("bench_thread_one_cpu") as (app, executor, raw):
+            trips, _ = _thread_runners(app, executor, raw)
             print(
                 f"\n  sequential round trips, every thread on one CPU: {plan.rounds} rounds x"
                 f" {plan.thread_n}"
             )
             return ratio_block(interleave(trips, plan.rounds, plan.thread_n), "raw", labels)
-        finally:
-            executor.shutdown(wait=True)
-            raw.shutdown(wait=True)
     finally:
         os.sched_setaffinity(0, before)
 
